@@ -1,0 +1,76 @@
+//! The runtime's typed error. Messages say what was expected and what was found.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("invalid model directory {dir}: {reason}")]
+    Model { dir: PathBuf, reason: String },
+
+    #[error("invalid manifest {path}: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+
+    #[error("execution provider {provider}: {reason}")]
+    ExecutionProvider { provider: String, reason: String },
+
+    #[error("image {source_name}: {reason}")]
+    Image { source_name: String, reason: String },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    #[error("invalid sampling option: {0}")]
+    Sampling(String),
+
+    #[error("prompt has {markers} image placeholder(s) but {images} image(s) were given")]
+    ImageCount { markers: usize, images: usize },
+
+    #[error("image features have {rows} rows but the prompt has {markers} image-token positions")]
+    Splice { rows: usize, markers: usize },
+
+    #[error("prompt is {prompt_tokens} tokens; with {max_new_tokens} new tokens that exceeds the context of {max_context}")]
+    ContextOverflow {
+        prompt_tokens: usize,
+        max_new_tokens: usize,
+        max_context: usize,
+    },
+
+    #[error("graph {graph}: {reason}")]
+    Graph { graph: String, reason: String },
+
+    #[error("non-finite logits (NaN or Inf) at decode step {step}")]
+    NonFiniteLogits { step: usize },
+
+    #[error("reference case {case}: {reason}")]
+    Reference { case: String, reason: String },
+}
+
+impl From<ort::Error> for Error {
+    fn from(e: ort::Error) -> Self {
+        Error::Ort(e.to_string())
+    }
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
