@@ -1,1 +1,43 @@
-fn main() {}
+//! `llama3v`: generate, check against the reference, inspect, tokenize and preprocess.
+
+mod check_cmd;
+mod generate_cmd;
+mod inspect_cmd;
+mod model_args;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "llama3v", version, about = "Run llama3v vision-language models exported to ONNX")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer a prompt about zero or more images, streaming the reply.
+    Generate(generate_cmd::GenerateArgs),
+    /// Compare the runtime with the transformers reference stored in the model directory.
+    Check(check_cmd::CheckArgs),
+    /// Show the manifest summary and each graph's inputs, outputs and execution providers.
+    Inspect(inspect_cmd::InspectArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Generate(args) => generate_cmd::run(args),
+        Command::Check(args) => check_cmd::run(args),
+        Command::Inspect(args) => inspect_cmd::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,12 +1,26 @@
 //! llama3v runtime: drives the exported vision, embedding and decoder graphs with ONNX Runtime.
 //!
-//! The model directory contract lives in `onnx/README.md`; [`manifest`] reads it.
+//! The model directory contract lives in `onnx/README.md`; [`manifest`] reads it. A request flows
+//! preprocess -> vision -> tokenizer/chat template -> embed + splice -> decoder prefill -> sampling ->
+//! decode loop ([`generate`]).
 
 pub mod chat_template;
+pub mod check;
+pub mod decoder;
+pub mod embed;
+pub mod ep;
 pub mod error;
+pub mod generate;
+pub mod graph;
+pub mod kv_cache;
 pub mod manifest;
+pub mod model;
+pub mod ort_env;
 pub mod preprocess;
 pub mod sampling;
+pub mod splice;
 pub mod tokenizer;
+pub mod vision;
 
 pub use error::{Error, Result};
+pub use model::{Model, ModelOptions};

@@ -1,0 +1,677 @@
+//! Image preprocessing for the vision tower: decode, convert to RGB, resize, rescale, normalize.
+//!
+//! The reference is transformers' `SiglipImageProcessorPil` fed an image opened with
+//! `PIL.Image.open(path)`, which is how the exporter computes reference `pixel_values`.
+//! Every step reproduces what that path does, bit for bit where Pillow is deterministic:
+//!
+//! * **Conversion to RGB** follows `transformers.image_transforms.convert_to_rgb` on a PIL
+//!   image: an image with an alpha band or a `transparency` entry is converted to RGBA and
+//!   alpha-composited over opaque white with Pillow's integer `alpha_composite`; anything
+//!   else goes through `convert("RGB")`. Pillow's decoders shape the input to that step,
+//!   and they are matched too: 16-bit RGB(A) and grey+alpha PNGs keep the high byte of
+//!   each sample, while a 16-bit greyscale PNG (Pillow mode `I;16`) is *clipped* to 255,
+//!   not scaled, because that is what Pillow's `I;16 -> RGB` conversion does. CMYK JPEGs
+//!   are treated as Adobe-inverted, as Pillow does.
+//! * **EXIF orientation is not applied.** `Image.open` does not rotate and neither does the
+//!   processor, so a photo whose EXIF says "rotate 90°" reaches the model unrotated. We do
+//!   the same so that the runtime sees exactly what the reference model saw.
+//!   (transformers' own `load_image(path_string)` would rotate and would drop alpha without
+//!   compositing; the reference does not go through it.)
+//! * **Resize** is Pillow's `Image.resize(size, BICUBIC)` with `reducing_gap=None`: the
+//!   separable two-pass convolution of `libImaging/Resample.c` (horizontal pass first, over
+//!   only the rows the vertical pass needs), bicubic `a = -0.5`, support widened by the
+//!   downscale factor, coefficients normalized in `f64` and then rounded to 22-bit fixed
+//!   point, 32-bit integer accumulation with a rounding bias, clipping to 0..=255 after
+//!   each pass. Same size in, same size out is a copy.
+//! * **Rescale** is `(x as f64 * rescale_factor) as f32` (transformers upcasts to float64,
+//!   multiplies, then downcasts); **normalize** is `(x - mean) / std` in `f32`.
+//!
+//! Decoding itself uses the `image` crate. PNG, GIF, BMP and lossless WebP decode to the
+//! same samples as Pillow; JPEG (zune-jpeg vs libjpeg-turbo) and lossy WebP (image-webp vs
+//! libwebp) may differ by one level in a few pixels before resizing.
+
+use std::io::Cursor;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, RgbImage};
+
+use crate::{Error, Result};
+
+/// Everything the vision tower's preprocessing needs; mirrors `preprocessor_config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreprocessConfig {
+    pub height: u32,
+    pub width: u32,
+    /// Kept for parity with the processor config. Decoding always yields RGB with alpha
+    /// composited over white, which is what `do_convert_rgb: true` means.
+    pub do_convert_rgb: bool,
+    pub do_rescale: bool,
+    /// transformers multiplies in float64 by the JSON value (0.00392156862745098). An `f32`
+    /// cannot hold that value, so [`pixel_values`] recovers it when the factor is `1/n`.
+    pub rescale_factor: f32,
+    pub do_normalize: bool,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl PreprocessConfig {
+    /// SigLIP's defaults (`IMAGENET_STANDARD_MEAN/STD`, rescale 1/255) at the given size.
+    pub fn siglip(height: u32, width: u32) -> Self {
+        PreprocessConfig {
+            height,
+            width,
+            do_convert_rgb: true,
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+        }
+    }
+}
+
+/// Bounds on what an input may make the decoder allocate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    pub max_width: u32,
+    pub max_height: u32,
+    /// Cap on the decoded buffer plus the RGB copy made from it; also caps the file size.
+    pub max_alloc_bytes: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            max_width: 16384,
+            max_height: 16384,
+            max_alloc_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+fn image_error(source_name: &str, reason: impl Into<String>) -> Error {
+    Error::Image {
+        source_name: source_name.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn describe(e: ImageError, limits: &DecodeLimits) -> String {
+    match e {
+        ImageError::Limits(e) => format!(
+            "image exceeds the decode limits ({}x{} pixels, {} bytes): {e}",
+            limits.max_width, limits.max_height, limits.max_alloc_bytes
+        ),
+        ImageError::IoError(e) => format!("truncated or unreadable image data: {e}"),
+        ImageError::Decoding(e) => format!("corrupt image data: {e}"),
+        ImageError::Unsupported(e) => format!("unsupported image: {e}"),
+        other => other.to_string(),
+    }
+}
+
+/// Decodes an encoded image (PNG, JPEG, WebP, GIF, BMP) to RGB the way the reference does.
+///
+/// `source_name` only labels errors. Transparency is composited over white; EXIF
+/// orientation is ignored (see the module documentation).
+pub fn decode_image(bytes: &[u8], source_name: &str, limits: &DecodeLimits) -> Result<RgbImage> {
+    if bytes.is_empty() {
+        return Err(image_error(source_name, "empty input (0 bytes)"));
+    }
+    let format = image::guess_format(bytes).map_err(|_| {
+        image_error(
+            source_name,
+            "not a recognized image format (expected PNG, JPEG, WebP, GIF or BMP)",
+        )
+    })?;
+    if !matches!(
+        format,
+        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP | ImageFormat::Gif | ImageFormat::Bmp
+    ) {
+        return Err(image_error(
+            source_name,
+            format!("unsupported image format {format:?} (expected PNG, JPEG, WebP, GIF or BMP)"),
+        ));
+    }
+
+    // Decoders are the code most exposed to hostile input; a bug in one must become an
+    // error for this image, not take the process down.
+    let decoded = catch_unwind(AssertUnwindSafe(|| decode_dynamic(bytes, format, limits)))
+        .map_err(|_| image_error(source_name, "the image decoder panicked on this input"))?;
+    let img = decoded.map_err(|reason| image_error(source_name, reason))?;
+    Ok(to_rgb_like_pillow(img))
+}
+
+fn decode_dynamic(
+    bytes: &[u8],
+    format: ImageFormat,
+    limits: &DecodeLimits,
+) -> std::result::Result<DynamicImage, String> {
+    let mut image_limits = image::Limits::default();
+    image_limits.max_image_width = Some(limits.max_width);
+    image_limits.max_image_height = Some(limits.max_height);
+    image_limits.max_alloc = Some(limits.max_alloc_bytes);
+
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.limits(image_limits);
+    // Reading only the header here lets a size-bomb fail before any pixel buffer exists.
+    let decoder = reader.into_decoder().map_err(|e| describe(e, limits))?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(format!("image has zero size ({width}x{height})"));
+    }
+    if width > limits.max_width || height > limits.max_height {
+        return Err(format!(
+            "image is {width}x{height}, larger than the limit of {}x{}",
+            limits.max_width, limits.max_height
+        ));
+    }
+    let rgb_bytes = u64::from(width) * u64::from(height) * 3;
+    let needed = decoder.total_bytes().saturating_add(rgb_bytes);
+    if needed > limits.max_alloc_bytes {
+        return Err(format!(
+            "decoding this {width}x{height} image needs {needed} bytes, more than the limit of {}",
+            limits.max_alloc_bytes
+        ));
+    }
+    DynamicImage::from_decoder(decoder).map_err(|e| describe(e, limits))
+}
+
+/// Reads and decodes an image file; see [`decode_image`].
+pub fn load_image(path: &Path, limits: &DecodeLimits) -> Result<RgbImage> {
+    let source_name = path.display().to_string();
+    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    // An encoded file bigger than the decode budget would decode to more than it anyway.
+    if len > limits.max_alloc_bytes {
+        return Err(image_error(
+            &source_name,
+            format!(
+                "file is {len} bytes, more than the decode limit of {} bytes",
+                limits.max_alloc_bytes
+            ),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_image(&bytes, &source_name, limits)
+}
+
+/// Pillow's `alpha_composite(white, src)` for one channel: `AlphaComposite.c` with the
+/// destination opaque white, where `coef1 = a << 7` exactly.
+#[inline]
+fn over_white(v: u8, a: u8) -> u8 {
+    if a == 0 {
+        return 255;
+    }
+    let a = u32::from(a);
+    let coef1 = a << 7;
+    let coef2 = (255 << 7) - coef1;
+    let tmp = u32::from(v) * coef1 + 255 * coef2 + (0x80 << 7);
+    // SHIFTFORDIV255 then drop the 7 precision bits; the result is at most 255.
+    ((((tmp >> 8) + tmp) >> 8) >> 7) as u8
+}
+
+/// Pillow's `I;16 -> RGB` conversion saturates instead of scaling.
+#[inline]
+fn clip16(v: u16) -> u8 {
+    v.min(255) as u8
+}
+
+/// Pillow unpacks 16-bit RGB(A)/LA PNG samples by keeping the most significant byte.
+#[inline]
+fn high_byte(v: u16) -> u8 {
+    (v >> 8) as u8
+}
+
+fn map_pixels<P, const N: usize>(
+    width: u32,
+    height: u32,
+    src: &[P],
+    f: impl Fn(&[P]) -> [u8; 3],
+) -> RgbImage {
+    let mut out = Vec::with_capacity(src.len() / N * 3);
+    for px in src.chunks_exact(N) {
+        out.extend_from_slice(&f(px));
+    }
+    RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
+}
+
+fn to_rgb_like_pillow(img: DynamicImage) -> RgbImage {
+    let (w, h) = (img.width(), img.height());
+    match img {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        DynamicImage::ImageLuma8(l) => map_pixels::<u8, 1>(w, h, l.as_raw(), |p| [p[0]; 3]),
+        DynamicImage::ImageLumaA8(la) => map_pixels::<u8, 2>(w, h, la.as_raw(), |p| {
+            [over_white(p[0], p[1]); 3]
+        }),
+        DynamicImage::ImageRgba8(rgba) => map_pixels::<u8, 4>(w, h, rgba.as_raw(), |p| {
+            [
+                over_white(p[0], p[3]),
+                over_white(p[1], p[3]),
+                over_white(p[2], p[3]),
+            ]
+        }),
+        DynamicImage::ImageLuma16(l) => {
+            map_pixels::<u16, 1>(w, h, l.as_raw(), |p| [clip16(p[0]); 3])
+        }
+        DynamicImage::ImageLumaA16(la) => map_pixels::<u16, 2>(w, h, la.as_raw(), |p| {
+            [over_white(high_byte(p[0]), high_byte(p[1])); 3]
+        }),
+        DynamicImage::ImageRgb16(rgb) => map_pixels::<u16, 3>(w, h, rgb.as_raw(), |p| {
+            [high_byte(p[0]), high_byte(p[1]), high_byte(p[2])]
+        }),
+        DynamicImage::ImageRgba16(rgba) => map_pixels::<u16, 4>(w, h, rgba.as_raw(), |p| {
+            let a = high_byte(p[3]);
+            [
+                over_white(high_byte(p[0]), a),
+                over_white(high_byte(p[1]), a),
+                over_white(high_byte(p[2]), a),
+            ]
+        }),
+        // Float images come only from formats this crate is not built with.
+        other => {
+            let rgba = other.to_rgba8();
+            map_pixels::<u8, 4>(w, h, rgba.as_raw(), |p| {
+                [
+                    over_white(p[0], p[3]),
+                    over_white(p[1], p[3]),
+                    over_white(p[2], p[3]),
+                ]
+            })
+        }
+    }
+}
+
+/// Fixed-point fraction bits of Pillow's 8-bit resampling (`32 - 8 - 2`).
+const PRECISION_BITS: u32 = 22;
+
+/// Pillow's `bicubic_filter` with `a = -0.5`, written in the same operation order.
+#[inline]
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Per-output-pixel filter taps along one axis, as `precompute_coeffs` +
+/// `normalize_coeffs_8bpc` compute them.
+struct Taps {
+    /// First input index and number of taps for each output index.
+    bounds: Vec<(usize, usize)>,
+    /// `ksize` fixed-point coefficients per output index.
+    coeffs: Vec<i32>,
+    ksize: usize,
+}
+
+impl Taps {
+    fn new(in_size: u32, out_size: u32) -> Taps {
+        const SUPPORT: f64 = 2.0;
+        // Pillow takes the box edges as C floats.
+        let scale = f64::from(in_size as f32) / f64::from(out_size);
+        let filterscale = scale.max(1.0);
+        let support = SUPPORT * filterscale;
+        let ksize = support.ceil() as usize * 2 + 1;
+        let ss = 1.0 / filterscale;
+        let in_len = i64::from(in_size);
+
+        let mut bounds = Vec::with_capacity(out_size as usize);
+        let mut coeffs = vec![0i32; out_size as usize * ksize];
+        let mut weights = vec![0f64; ksize];
+        for (xx, k) in coeffs.chunks_exact_mut(ksize).enumerate() {
+            let center = (xx as f64 + 0.5) * scale;
+            // `(int)` in C truncates toward zero, as `as` does.
+            let xmin = ((center - support + 0.5) as i64).max(0);
+            let xmax = ((center + support + 0.5) as i64).min(in_len);
+            let count = (xmax - xmin).clamp(0, ksize as i64) as usize;
+            let mut ww = 0.0;
+            for (x, w) in weights.iter_mut().take(count).enumerate() {
+                *w = bicubic(((x as i64 + xmin) as f64 - center + 0.5) * ss);
+                ww += *w;
+            }
+            for (w, c) in weights.iter().take(count).zip(k.iter_mut()) {
+                let w = if ww != 0.0 { w / ww } else { *w };
+                let fixed = w * f64::from(1u32 << PRECISION_BITS);
+                *c = if w < 0.0 {
+                    (fixed - 0.5) as i32
+                } else {
+                    (fixed + 0.5) as i32
+                };
+            }
+            bounds.push((xmin as usize, count));
+        }
+        Taps {
+            bounds,
+            coeffs,
+            ksize,
+        }
+    }
+
+    fn taps(&self, i: usize) -> (usize, &[i32]) {
+        let (start, count) = self.bounds[i];
+        (start, &self.coeffs[i * self.ksize..i * self.ksize + count])
+    }
+}
+
+/// Rounding bias added before the fixed-point sum is shifted back to 8 bits.
+const HALF: i32 = 1 << (PRECISION_BITS - 1);
+
+#[inline]
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Resizes like Pillow's `Image.resize((width, height), Image.BICUBIC)` on an RGB image.
+///
+/// Bit-exact with Pillow's C implementation (`ImagingResample`). A zero target size gives
+/// an empty image.
+pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (in_w, in_h) = img.dimensions();
+    if (in_w, in_h) == (width, height) {
+        return img.clone();
+    }
+    if width == 0 || height == 0 {
+        return RgbImage::new(width, height);
+    }
+    let src = img.as_raw();
+    let in_stride = in_w as usize * 3;
+
+    let vert = Taps::new(in_h, height);
+    // Only the input rows the vertical pass reads go through the horizontal pass.
+    let row_first = vert.bounds.first().map_or(0, |b| b.0);
+    let row_last = vert.bounds.last().map_or(0, |b| b.0 + b.1);
+
+    let horizontal;
+    let (mid, mid_stride, mid_offset) = if in_w != width {
+        let taps = Taps::new(in_w, width);
+        let out_stride = width as usize * 3;
+        let mut out = vec![0u8; (row_last - row_first) * out_stride];
+        for (y, out_row) in out.chunks_exact_mut(out_stride).enumerate() {
+            let row_start = (row_first + y) * in_stride;
+            let row = &src[row_start..row_start + in_stride];
+            for (xx, px) in out_row.chunks_exact_mut(3).enumerate() {
+                let (start, k) = taps.taps(xx);
+                let (mut r, mut g, mut b) = (HALF, HALF, HALF);
+                for (p, &c) in row[start * 3..].chunks_exact(3).zip(k) {
+                    r = r.wrapping_add(i32::from(p[0]).wrapping_mul(c));
+                    g = g.wrapping_add(i32::from(p[1]).wrapping_mul(c));
+                    b = b.wrapping_add(i32::from(p[2]).wrapping_mul(c));
+                }
+                px[0] = clip8(r);
+                px[1] = clip8(g);
+                px[2] = clip8(b);
+            }
+        }
+        horizontal = out;
+        (&horizontal[..], out_stride, row_first)
+    } else {
+        (&src[..], in_stride, 0)
+    };
+
+    if in_h == height {
+        // Only the horizontal pass ran; it covered every row.
+        return RgbImage::from_raw(width, height, mid.to_vec())
+            .unwrap_or_else(|| RgbImage::new(width, height));
+    }
+
+    let out_stride = width as usize * 3;
+    let mut out = vec![0u8; height as usize * out_stride];
+    // Summing whole rows (instead of one column at a time, as Pillow does) touches memory
+    // in order; integer addition makes the result identical.
+    let mut acc = vec![0i32; out_stride];
+    for (yy, out_row) in out.chunks_exact_mut(out_stride).enumerate() {
+        let (start, k) = vert.taps(yy);
+        acc.fill(HALF);
+        for (y, &c) in k.iter().enumerate() {
+            let row_start = (start + y - mid_offset) * mid_stride;
+            let row = &mid[row_start..row_start + out_stride];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a = a.wrapping_add(i32::from(p).wrapping_mul(c));
+            }
+        }
+        for (o, &a) in out_row.iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
+    }
+    RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
+}
+
+/// The `f64` rescale factor transformers would use for a config value stored as `f32`.
+///
+/// transformers computes `float32(float64(x) * factor)` with the float64 from the JSON;
+/// multiplying by the widened `f32` instead flips the last bit of 126 of the 256 levels
+/// for 1/255. Configs use `1/n` (1/255 in practice), so when the `f32` is the rounding of
+/// `1/n` for an integer `n`, `1/n` in `f64` is the value the JSON held.
+fn exact_rescale_factor(factor: f32) -> f64 {
+    let wide = f64::from(factor);
+    if wide > 0.0 {
+        let n = (1.0 / wide).round();
+        if (1.0..=65536.0).contains(&n) && (1.0 / n) as f32 == factor {
+            return 1.0 / n;
+        }
+    }
+    wide
+}
+
+/// The vision tower's input for one image: resize to `cfg.height x cfg.width`, rescale,
+/// normalize; channel-major (`[3, height, width]`), `3 * height * width` values.
+pub fn pixel_values(img: &RgbImage, cfg: &PreprocessConfig) -> Vec<f32> {
+    let resized;
+    let img = if img.dimensions() == (cfg.width, cfg.height) {
+        img
+    } else {
+        resized = resize_bicubic(img, cfg.width, cfg.height);
+        &resized
+    };
+
+    let factor = exact_rescale_factor(cfg.rescale_factor);
+    // The value of each of the 256 levels per channel, computed once.
+    let mut lut = [[0f32; 256]; 3];
+    for (c, table) in lut.iter_mut().enumerate() {
+        for (level, v) in table.iter_mut().enumerate() {
+            let mut x = if cfg.do_rescale {
+                (level as f64 * factor) as f32
+            } else {
+                level as f32
+            };
+            if cfg.do_normalize {
+                x = (x - cfg.mean[c]) / cfg.std[c];
+            }
+            *v = x;
+        }
+    }
+
+    let plane = img.width() as usize * img.height() as usize;
+    let mut out = vec![0f32; 3 * plane];
+    let (r, rest) = out.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
+        r[i] = lut[0][usize::from(px[0])];
+        g[i] = lut[1][usize::from(px[1])];
+        b[i] = lut[2][usize::from(px[2])];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ImageEncoder, Rgb};
+
+    fn encode_png(img: &DynamicImage) -> Vec<u8> {
+        let mut buf = Vec::new();
+        img.write_to(&mut Cursor::new(&mut buf), ImageFormat::Png)
+            .unwrap();
+        buf
+    }
+
+    fn gradient(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            Rgb([
+                (x * 255 / w.max(1)) as u8,
+                (y * 255 / h.max(1)) as u8,
+                ((x * 7 + y * 13) % 256) as u8,
+            ])
+        })
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let img = RgbImage::from_pixel(37, 23, Rgb([10, 128, 250]));
+        for (w, h) in [(384, 384), (5, 3), (1, 1), (100, 7)] {
+            let out = resize_bicubic(&img, w, h);
+            assert_eq!(out.dimensions(), (w, h));
+            assert!(out.pixels().all(|p| *p == Rgb([10, 128, 250])), "{w}x{h}");
+        }
+    }
+
+    #[test]
+    fn same_size_is_identity() {
+        let img = gradient(17, 9);
+        assert_eq!(resize_bicubic(&img, 17, 9), img);
+    }
+
+    #[test]
+    fn zero_target_is_empty_and_zero_source_does_not_panic() {
+        assert_eq!(resize_bicubic(&gradient(4, 4), 0, 3).dimensions(), (0, 3));
+        let out = resize_bicubic(&RgbImage::new(0, 0), 2, 2);
+        assert_eq!(out.dimensions(), (2, 2));
+    }
+
+    #[test]
+    fn matches_pillow_on_a_small_case() {
+        // Pillow 13: Image.frombytes("L", (4, 1), bytes([0, 255, 0, 255]))
+        //     .resize((3, 1), Image.BICUBIC) -> [78, 128, 177]; to (8, 1) ->
+        //     [0, 54, 216, 215, 40, 39, 201, 255]
+        let mut img = RgbImage::new(4, 1);
+        for (x, v) in [0u8, 255, 0, 255].into_iter().enumerate() {
+            img.put_pixel(x as u32, 0, Rgb([v; 3]));
+        }
+        let down: Vec<u8> = resize_bicubic(&img, 3, 1).pixels().map(|p| p[0]).collect();
+        assert_eq!(down, [78, 128, 177]);
+        let up: Vec<u8> = resize_bicubic(&img, 8, 1).pixels().map(|p| p[0]).collect();
+        assert_eq!(up, [0, 54, 216, 215, 40, 39, 201, 255]);
+    }
+
+    #[test]
+    fn one_axis_resize_matches_two_axis_on_the_other() {
+        let img = gradient(30, 20);
+        let only_w = resize_bicubic(&img, 11, 20);
+        assert_eq!(only_w.dimensions(), (11, 20));
+        let only_h = resize_bicubic(&img, 30, 7);
+        assert_eq!(only_h.dimensions(), (30, 7));
+    }
+
+    #[test]
+    fn alpha_composites_over_white() {
+        assert_eq!(over_white(0, 0), 255);
+        assert_eq!(over_white(0, 255), 0);
+        assert_eq!(over_white(200, 255), 200);
+        // Pillow: alpha_composite(white, (0, 0, 0, 128)) == (127, 127, 127)
+        assert_eq!(over_white(0, 128), 127);
+        let mut rgba = image::RgbaImage::new(2, 1);
+        rgba.put_pixel(0, 0, image::Rgba([0, 0, 0, 0]));
+        rgba.put_pixel(1, 0, image::Rgba([10, 20, 30, 255]));
+        let png = encode_png(&DynamicImage::ImageRgba8(rgba));
+        let rgb = decode_image(&png, "t.png", &DecodeLimits::default()).unwrap();
+        assert_eq!(rgb.get_pixel(0, 0), &Rgb([255, 255, 255]));
+        assert_eq!(rgb.get_pixel(1, 0), &Rgb([10, 20, 30]));
+    }
+
+    #[test]
+    fn sixteen_bit_grey_is_clipped_like_pillow() {
+        let l16 = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(3, 1, vec![7u16, 300, 65535])
+            .unwrap();
+        let png = encode_png(&DynamicImage::ImageLuma16(l16));
+        let rgb = decode_image(&png, "g16.png", &DecodeLimits::default()).unwrap();
+        let got: Vec<u8> = rgb.pixels().map(|p| p[0]).collect();
+        assert_eq!(got, [7, 255, 255]);
+    }
+
+    #[test]
+    fn pixel_values_layout_and_values() {
+        let img = RgbImage::from_pixel(2, 2, Rgb([0, 255, 51]));
+        let cfg = PreprocessConfig::siglip(2, 2);
+        let v = pixel_values(&img, &cfg);
+        assert_eq!(v.len(), 12);
+        assert!(v[..4].iter().all(|&x| x == -1.0));
+        assert!(v[4..8].iter().all(|&x| x == 1.0));
+        // float32(float64(51) / 255) = 0.2, (0.2 - 0.5) / 0.5
+        let expect = ((51.0f64 * (1.0 / 255.0)) as f32 - 0.5) / 0.5;
+        assert!(v[8..].iter().all(|&x| x == expect));
+    }
+
+    #[test]
+    fn rescale_factor_is_the_json_float64() {
+        assert_eq!(exact_rescale_factor(1.0 / 255.0), 0.003_921_568_627_450_98);
+        assert_eq!(exact_rescale_factor(0.5), 0.5);
+        assert_eq!(exact_rescale_factor(0.3), f64::from(0.3f32));
+        assert_eq!(exact_rescale_factor(0.0), 0.0);
+    }
+
+    #[test]
+    fn pixel_values_resizes() {
+        let cfg = PreprocessConfig::siglip(3, 5);
+        assert_eq!(pixel_values(&gradient(40, 9), &cfg).len(), 3 * 3 * 5);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_the_name() {
+        let limits = DecodeLimits::default();
+        let err = decode_image(&[], "empty.png", &limits).unwrap_err().to_string();
+        assert!(err.contains("empty.png") && err.contains("empty"), "{err}");
+        let err = decode_image(b"hello, world", "x.txt", &limits)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x.txt") && err.contains("not a recognized"), "{err}");
+        let png = encode_png(&DynamicImage::ImageRgb8(gradient(64, 64)));
+        let err = decode_image(&png[..png.len() / 2], "half.png", &limits)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("half.png"), "{err}");
+        let mut corrupt = png.clone();
+        for b in corrupt.iter_mut().skip(60).take(40) {
+            *b ^= 0x5a;
+        }
+        assert!(decode_image(&corrupt, "bad.png", &limits).is_err());
+    }
+
+    #[test]
+    fn png_size_bomb_fails_before_allocating() {
+        // A valid 1x1 PNG whose header claims 100000 x 100000.
+        let mut png = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut png)
+            .write_image(&[0u8, 0, 0], 1, 1, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let crc = crc32(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        let err = decode_image(&png, "bomb.png", &DecodeLimits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bomb.png") && err.contains("limit"), "{err}");
+        let tight = DecodeLimits {
+            max_alloc_bytes: 1 << 20,
+            ..DecodeLimits::default()
+        };
+        let big = encode_png(&DynamicImage::ImageRgb8(RgbImage::new(1024, 1024)));
+        let err = decode_image(&big, "big.png", &tight).unwrap_err().to_string();
+        assert!(err.contains("big.png") && err.contains("limit"), "{err}");
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+}

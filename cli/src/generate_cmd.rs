@@ -1,0 +1,128 @@
+//! `llama3v generate`: one reply, streamed to stdout, or one JSON object with `--json`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use llama3v::chat_template::{ChatMessage, ContentPart};
+use llama3v::generate::Request;
+use llama3v::manifest::GenerationDefaults;
+use llama3v::preprocess::{load_image, DecodeLimits};
+use llama3v::sampling::SamplingParams;
+use serde_json::json;
+
+use crate::model_args::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image file (PNG, JPEG, WebP, GIF, BMP); repeat for several images, placed before the prompt
+    #[arg(long, short = 'i')]
+    pub image: Vec<PathBuf>,
+    /// The user's question
+    #[arg(long, short = 'p')]
+    pub prompt: String,
+    /// Optional system prompt
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy [default: the model's generation_config]
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Keep only the K most likely tokens [default: the model's generation_config, else off]
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling, in (0, 1] [default: the model's generation_config, else off]
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Seed for reproducible sampling
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep generating through stop tokens until --max-new-tokens
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object (text, tokens, prompt_tokens, timings) instead of streaming text
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags win; otherwise the checkpoint's generation_config; greedy when it does not sample.
+fn sampling_params(args: &GenerateArgs, defaults: &GenerationDefaults) -> SamplingParams {
+    let samples = defaults.do_sample.unwrap_or(false);
+    let temperature = args
+        .temperature
+        .unwrap_or(if samples { defaults.temperature.unwrap_or(1.0) } else { 0.0 });
+    SamplingParams {
+        temperature,
+        top_k: args.top_k.or(if samples { defaults.top_k } else { None }),
+        top_p: args.top_p.or(if samples { defaults.top_p } else { None }),
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    }
+}
+
+pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
+    let limits = DecodeLimits::default();
+    let images = args
+        .image
+        .iter()
+        .map(|path| load_image(path, &limits))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut model = args.model.load()?;
+    let sampling = sampling_params(args, &model.manifest.generation);
+    sampling.validate()?;
+
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: vec![ContentPart::Text(system.clone())],
+        });
+    }
+    let mut content: Vec<ContentPart> = images.iter().map(|_| ContentPart::Image).collect();
+    content.push(ContentPart::Text(args.prompt.clone()));
+    messages.push(ChatMessage {
+        role: "user".into(),
+        content,
+    });
+    let request = Request {
+        messages: &messages,
+        images: &images,
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        ignore_stop: args.ignore_eos,
+    };
+
+    let stdout = std::io::stdout();
+    let generation = if args.json {
+        model.generate(&request, &mut |_| {})?
+    } else {
+        let mut out = stdout.lock();
+        let generation = model.generate(&request, &mut |piece| {
+            // A closed stdout (e.g. `| head`) must not abort generation with a panic.
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        })?;
+        let _ = writeln!(out);
+        generation
+    };
+    if args.json {
+        let providers: Vec<String> = model.graphs().iter().map(|g| g.provider_summary()).collect();
+        let value = json!({
+            "text": generation.text,
+            "tokens": generation.tokens,
+            "prompt_tokens": generation.prompt_tokens,
+            "finish_reason": generation.finish_reason,
+            "timings": generation.timings,
+            "providers": providers,
+        });
+        println!("{}", serde_json::to_string(&value).context("encoding JSON")?);
+    }
+    Ok(ExitCode::SUCCESS)
+}

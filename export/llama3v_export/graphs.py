@@ -1,0 +1,361 @@
+"""The three ONNX graphs of a model directory: vision, embed, decoder (see onnx/README.md).
+
+Each graph is a small torch wrapper around the Hugging Face LLaVA model, exported with the TorchScript exporter
+(`dynamo=False`). Tracing records one path through Python control flow, so the dummy inputs are chosen to take the
+general path (non-empty past, more than one new position, batch 2) and the validation stage checks the other
+regimes (empty past on prefill, a single position on decode).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from transformers import DynamicCache, LlavaForConditionalGeneration
+
+# Protobuf cannot serialise a message over 2 GiB; graphs whose weights come close keep them in `<graph>.onnx.data`.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 64 * 2**20
+
+ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: its name, element type and shape (ints fixed, strings symbolic)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """A graph's file stem and its inputs and outputs, in contract order."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        tensors = self.inputs + self.outputs
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in tensors}
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The model dimensions the graphs and the manifest are built from (read from config.json)."""
+
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_context: int
+    image_size: int
+    patch_size: int
+    vision_feature_layer: int
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def dims_from_config(config) -> Dims:
+    """Dims of a `LlavaConfig`; `vision_feature_layer` must be a single layer (a list concatenates layers)."""
+    text, vision = config.text_config, config.vision_config
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer {layer!r}: only a single layer index is supported")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return Dims(
+        num_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        num_kv_heads=text.num_key_value_heads,
+        head_dim=head_dim,
+        hidden_size=text.hidden_size,
+        vocab_size=text.vocab_size,
+        max_context=text.max_position_embeddings,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        vision_feature_layer=layer,
+    )
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def graph_specs(dims: Dims, float_dtype: str) -> dict[str, GraphSpec]:
+    """Names, dtypes, shapes and order of every graph input and output, exactly as onnx/README.md lists them."""
+    d, f = dims, float_dtype
+    kv_past = ("batch", d.num_kv_heads, "past_sequence", d.head_dim)
+    kv_total = ("batch", d.num_kv_heads, "total_sequence", d.head_dim)
+    vision = GraphSpec(
+        "vision",
+        (TensorSpec("pixel_values", f, ("batch", 3, d.image_size, d.image_size)),),
+        (TensorSpec("image_features", f, ("batch", d.tokens_per_image, d.hidden_size)),),
+    )
+    embed = GraphSpec(
+        "embed",
+        (TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+        (TensorSpec("inputs_embeds", f, ("batch", "sequence", d.hidden_size)),),
+    )
+    decoder = GraphSpec(
+        "decoder",
+        (
+            TensorSpec("inputs_embeds", f, ("batch", "sequence", d.hidden_size)),
+            TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
+            TensorSpec("position_ids", "int64", ("batch", "sequence")),
+            *(TensorSpec(n, f, kv_past) for n in past_names(d.num_layers)),
+        ),
+        (
+            TensorSpec("logits", f, ("batch", "sequence", d.vocab_size)),
+            *(TensorSpec(n, f, kv_total) for n in present_names(d.num_layers)),
+        ),
+    )
+    return {"vision": vision, "embed": embed, "decoder": decoder}
+
+
+class VisionGraph(torch.nn.Module):
+    """pixel_values -> image_features: SigLIP hidden state `vision_feature_layer`, all patches, LLaVA projector.
+
+    This is `LlavaModel.get_image_features` for an int layer and strategy `full`, minus its final split into a
+    per-image list (tracing would fix the batch size at the list's length). Validation compares against
+    `get_image_features` itself.
+    """
+
+    def __init__(self, model: LlavaForConditionalGeneration, feature_layer: int):
+        super().__init__()
+        self.vision_tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        self.feature_layer = feature_layer
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        return self.projector(outputs.hidden_states[self.feature_layer])
+
+
+class EmbedGraph(torch.nn.Module):
+    """input_ids -> inputs_embeds: the language model's token embedding table."""
+
+    def __init__(self, model: LlavaForConditionalGeneration):
+        super().__init__()
+        self.embed_tokens = model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+
+class DecoderGraph(torch.nn.Module):
+    """Llama decoder step with an explicit KV cache passed as flat tensors.
+
+    The flat past is rebuilt into a `DynamicCache`; the model appends the new keys/values to it, and the grown
+    per-layer tensors are returned as the present.
+    """
+
+    def __init__(self, model: LlavaForConditionalGeneration, num_layers: int):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        outputs = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        present = [t for layer in outputs.cache.layers for t in (layer.keys, layer.values)]
+        return (outputs.logits, *present)
+
+
+def wrappers(model: LlavaForConditionalGeneration, dims: Dims) -> dict[str, torch.nn.Module]:
+    return {
+        "vision": VisionGraph(model, dims.vision_feature_layer).eval(),
+        "embed": EmbedGraph(model).eval(),
+        "decoder": DecoderGraph(model, dims.num_layers).eval(),
+    }
+
+
+def dummy_inputs(spec: GraphSpec, sizes: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs for `spec`, symbolic dims resolved from `sizes`; attention mask all ones, positions after
+    the past, token ids below the text vocabulary."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, seq, past = sizes["batch"], sizes["sequence"], sizes["past_sequence"]
+    resolved = {**sizes, "total_sequence": past + seq}
+    tensors: dict[str, torch.Tensor] = {}
+    for t in spec.inputs:
+        shape = [resolved[d] if isinstance(d, str) else d for d in t.shape]
+        if t.name == "attention_mask":
+            tensors[t.name] = torch.ones(shape, dtype=torch.int64)
+        elif t.name == "position_ids":
+            tensors[t.name] = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq).contiguous()
+        elif t.name == "input_ids":
+            tensors[t.name] = torch.randint(0, sizes["vocab"], shape, generator=generator, dtype=torch.int64)
+        else:
+            tensors[t.name] = torch.randn(shape, generator=generator).to(TORCH_DTYPES[t.dtype])
+    return tensors
+
+
+# Shapes traced through: every symbolic dim > 1 and distinct, so that no size is specialised to 0 or 1 or
+# confused with another.
+TRACE_SIZES = {"batch": 2, "sequence": 3, "past_sequence": 4}
+
+
+def export_graph(
+    module: torch.nn.Module,
+    spec: GraphSpec,
+    out_dir: Path,
+    dims: Dims,
+    opset: int,
+    external_data: bool | None = None,
+) -> list[Path]:
+    """Export one graph into `out_dir`; returns the files written (graph, then external data if any).
+
+    `external_data=None` decides by size: external data only when the weights pass the protobuf limit.
+    """
+    inputs = dummy_inputs(spec, {**TRACE_SIZES, "vocab": dims.vocab_size})
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        tmp_file = Path(tmp) / spec.file
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns about every Python bool/int it records as a constant; the validation stage
+            # checks the regimes those constants could break.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                tuple(inputs.values()),
+                str(tmp_file),
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes=spec.dynamic_axes(),
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
+            )
+        return _save(tmp_file, out_dir / spec.file, spec, external_data)
+
+
+def _save(src: Path, dst: Path, spec: GraphSpec, external_data: bool | None) -> list[Path]:
+    """Write an exported graph into place with the contract's I/O shapes, gathering all weights into one
+    `<graph>.onnx.data` when external.
+
+    The TorchScript exporter writes one file per tensor once a graph passes 2 GiB; one data file is easier to
+    ship and checksum.
+    """
+    model = onnx.load(str(src), load_external_data=True)
+    _declare_shapes(model.graph, spec)
+    weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
+    if external_data is None:
+        external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    for stale in (dst, dst.with_name(dst.name + ".data")):
+        stale.unlink(missing_ok=True)
+    if not external_data:
+        onnx.save_model(model, str(dst))
+        onnx.checker.check_model(str(dst))
+        return [dst]
+    data = dst.with_name(dst.name + ".data")
+    onnx.save_model(
+        model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=0
+    )
+    onnx.checker.check_model(str(dst))
+    return [dst, data]
+
+
+def _declare_shapes(graph: onnx.GraphProto, spec: GraphSpec) -> None:
+    """Write the spec's shapes on the graph's inputs and outputs.
+
+    The exporter's shape inference loses some static dims (the vision graph's patch count comes out symbolic);
+    the declared shape is what tools and the runtime read, and validation checks the real output shapes.
+    """
+    for values, tensors in ((graph.input, spec.inputs), (graph.output, spec.outputs)):
+        for value, tensor in zip(values, tensors):
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for d in tensor.shape:
+                dim = dims.add()
+                if isinstance(d, str):
+                    dim.dim_param = d
+                else:
+                    dim.dim_value = d
+
+
+def check_io(path: Path, spec: GraphSpec) -> None:
+    """The exported graph's inputs and outputs must be the spec's: same names, order, element types and dims."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for kind, actual, expected in (("input", graph.input, spec.inputs), ("output", graph.output, spec.outputs)):
+        got = [(v.name, _onnx_dtype(v), _onnx_shape(v)) for v in actual]
+        want = [(t.name, t.dtype, tuple(t.shape)) for t in expected]
+        if got != want:
+            raise AssertionError(f"{spec.file}: {kind}s differ from the contract:\n  got  {got}\n  want {want}")
+
+
+def _onnx_dtype(value: onnx.ValueInfoProto) -> str:
+    return ONNX_DTYPES.get(value.type.tensor_type.elem_type, str(value.type.tensor_type.elem_type))
+
+
+def _onnx_shape(value: onnx.ValueInfoProto) -> tuple[int | str, ...]:
+    return tuple(d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim)
+
+
+def load_model(checkpoint: Path, dtype: str) -> LlavaForConditionalGeneration:
+    """The checkpoint as a CPU model in eval mode, eager attention (the sdpa path's masks trace poorly)."""
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    model = LlavaForConditionalGeneration.from_pretrained(
+        checkpoint, dtype=torch_dtype, attn_implementation="eager", use_safetensors=True
+    )
+    return model.eval()
+
+
+def export_all(
+    model: LlavaForConditionalGeneration,
+    dims: Dims,
+    out_dir: Path,
+    float_dtype: str,
+    opset: int,
+    log: Callable[[str], None] = print,
+    external_data: bool | None = None,
+) -> dict[str, list[Path]]:
+    """Export vision, embed and decoder into `out_dir`; returns each graph's files."""
+    specs = graph_specs(dims, float_dtype)
+    files: dict[str, list[Path]] = {}
+    for name, module in wrappers(model, dims).items():
+        start = time.perf_counter()
+        log(f"exporting {name} graph ...")
+        files[name] = export_graph(module, specs[name], out_dir, dims, opset, external_data)
+        check_io(files[name][0], specs[name])
+        size = sum(p.stat().st_size for p in files[name]) / 2**20
+        names = ", ".join(p.name for p in files[name])
+        log(f"exported {name} graph: {names} ({size:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    return files

@@ -1,0 +1,392 @@
+//! `check`: the runtime against the transformers reference stored by `llama3v-export --reference`.
+//!
+//! Each stage is measured on the reference's own inputs, so a difference is pinned to one stage:
+//! tokenization (ids must be equal), preprocessing (pixel values), the vision graph (features from the
+//! reference pixel values), and the decoder (logits of every greedy step, teacher-forced with the
+//! reference tokens from the reference prompt, so one early difference does not hide the later steps).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::chat_template::{ChatMessage, ContentPart};
+use crate::error::{Error, Result};
+use crate::manifest::{resolve_inside, ModelDtype};
+use crate::model::Model;
+use crate::preprocess::{load_image, DecodeLimits};
+
+pub const REFERENCE_DIR: &str = "reference";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReferenceIndex {
+    pub format_version: u32,
+    pub cases: Vec<ReferenceCase>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReferenceCase {
+    pub name: String,
+    #[serde(default)]
+    pub system: Option<String>,
+    pub prompt: String,
+    #[serde(default)]
+    pub images: Vec<String>,
+    pub tensors: String,
+    pub greedy_tokens: Vec<u32>,
+}
+
+impl ReferenceCase {
+    /// The conversation the case was computed from: optional system turn, then one user turn with the
+    /// images before the prompt text.
+    pub fn messages(&self) -> Vec<ChatMessage> {
+        let mut messages = Vec::new();
+        if let Some(system) = &self.system {
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: vec![ContentPart::Text(system.clone())],
+            });
+        }
+        let mut content: Vec<ContentPart> = self.images.iter().map(|_| ContentPart::Image).collect();
+        content.push(ContentPart::Text(self.prompt.clone()));
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content,
+        });
+        messages
+    }
+}
+
+/// The tolerances a model directory is checked against; they depend on the export's dtype.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Tolerances {
+    /// Max abs diff of pixel values (one uint8 level after normalisation with std 0.5).
+    pub pixel_values: f32,
+    /// Max abs diff (fp32) or max abs diff relative to the reference's max abs value (fp16).
+    pub image_features: f32,
+    pub logits: f32,
+    /// fp32 requires every greedy token to agree; fp16 reports agreement only.
+    pub require_token_agreement: bool,
+    pub relative: bool,
+}
+
+impl Tolerances {
+    pub fn for_dtype(dtype: ModelDtype) -> Tolerances {
+        match dtype {
+            ModelDtype::Fp32 => Tolerances {
+                pixel_values: 1.0 / 127.5,
+                image_features: 1e-4,
+                logits: 1e-4,
+                require_token_agreement: true,
+                relative: false,
+            },
+            ModelDtype::Fp16 => Tolerances {
+                pixel_values: 1.0 / 127.5,
+                image_features: 1e-2,
+                logits: 1e-2,
+                require_token_agreement: false,
+                relative: true,
+            },
+        }
+    }
+}
+
+/// One measured quantity beside its tolerance.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measure {
+    pub stage: String,
+    pub measured: f64,
+    pub tolerance: f64,
+    pub pass: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseReport {
+    pub case: String,
+    pub measures: Vec<Measure>,
+    pub greedy_agreement: usize,
+    pub greedy_steps: usize,
+}
+
+impl CaseReport {
+    pub fn pass(&self) -> bool {
+        self.measures.iter().all(|m| m.pass)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub model: PathBuf,
+    pub dtype: ModelDtype,
+    pub tolerances: Tolerances,
+    pub cases: Vec<CaseReport>,
+}
+
+impl CheckReport {
+    pub fn pass(&self) -> bool {
+        !self.cases.is_empty() && self.cases.iter().all(CaseReport::pass)
+    }
+}
+
+pub fn load_reference(dir: &Path) -> Result<ReferenceIndex> {
+    let path = dir.join(REFERENCE_DIR).join("reference.json");
+    let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let index: ReferenceIndex = serde_json::from_str(&text).map_err(|e| Error::Reference {
+        case: "reference.json".into(),
+        reason: e.to_string(),
+    })?;
+    if index.format_version != FORMAT_VERSION {
+        return Err(Error::Reference {
+            case: "reference.json".into(),
+            reason: format!(
+                "format_version {} is not supported (expected {FORMAT_VERSION})",
+                index.format_version
+            ),
+        });
+    }
+    Ok(index)
+}
+
+/// The tensors of one case, as f32 / i64 vectors with their shapes.
+struct CaseTensors {
+    input_ids: Vec<u32>,
+    pixel_values: Option<(Vec<usize>, Vec<f32>)>,
+    image_features: Option<(Vec<usize>, Vec<f32>)>,
+    step_logits: (Vec<usize>, Vec<f32>),
+}
+
+fn load_tensors(dir: &Path, case: &ReferenceCase) -> Result<CaseTensors> {
+    let err = |reason: String| Error::Reference {
+        case: case.name.clone(),
+        reason,
+    };
+    let path = resolve_inside(&dir.join(REFERENCE_DIR), &case.tensors)?;
+    let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    let floats = |name: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+        let Ok(view) = st.tensor(name) else {
+            return Ok(None);
+        };
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(err(format!("{name} is {:?}, expected F32", view.dtype())));
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok(Some((view.shape().to_vec(), data)))
+    };
+    let ids_view = st
+        .tensor("input_ids")
+        .map_err(|e| err(format!("input_ids: {e}")))?;
+    if ids_view.dtype() != safetensors::Dtype::I64 {
+        return Err(err(format!("input_ids is {:?}, expected I64", ids_view.dtype())));
+    }
+    let input_ids = ids_view
+        .data()
+        .chunks_exact(8)
+        .map(|b| {
+            let v = i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+            u32::try_from(v).map_err(|_| err(format!("input id {v} out of range")))
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    let step_logits = floats("step_logits")?.ok_or_else(|| err("step_logits missing".into()))?;
+    Ok(CaseTensors {
+        input_ids,
+        pixel_values: floats("pixel_values")?,
+        image_features: floats("image_features")?,
+        step_logits,
+    })
+}
+
+/// Max abs diff of two equally long slices; infinite when the lengths differ or a value is not finite.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let d = (f64::from(*x) - f64::from(*y)).abs();
+            if d.is_nan() {
+                f64::INFINITY
+            } else {
+                d
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+fn max_abs(a: &[f32]) -> f64 {
+    a.iter().map(|x| f64::from(x.abs())).fold(0.0, f64::max)
+}
+
+fn argmax(row: &[f32]) -> Option<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in row.iter().enumerate() {
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map(|(i, _)| i as u32)
+}
+
+impl Model {
+    /// Runs every reference case of the model directory and measures each stage.
+    pub fn check_reference(&mut self) -> Result<CheckReport> {
+        let index = load_reference(&self.dir)?;
+        let tolerances = Tolerances::for_dtype(self.manifest.dtype);
+        let mut cases = Vec::new();
+        for case in &index.cases {
+            cases.push(self.check_case(case, tolerances)?);
+        }
+        Ok(CheckReport {
+            model: self.dir.clone(),
+            dtype: self.manifest.dtype,
+            tolerances,
+            cases,
+        })
+    }
+
+    fn check_case(&mut self, case: &ReferenceCase, tol: Tolerances) -> Result<CaseReport> {
+        let reference = load_tensors(&self.dir, case)?;
+        let mut measures = Vec::new();
+        let compare = |stage: &str, ours: &[f32], theirs: &[f32], tolerance: f32| {
+            let diff = max_abs_diff(ours, theirs);
+            let (measured, detail) = if tol.relative && stage != "pixel_values" {
+                let scale = max_abs(theirs).max(f64::MIN_POSITIVE);
+                (diff / scale, format!("max abs diff {diff:.3e}, relative to max |ref| {scale:.3e}"))
+            } else {
+                (diff, "max abs diff".to_string())
+            };
+            Measure {
+                stage: stage.into(),
+                measured,
+                tolerance: f64::from(tolerance),
+                pass: measured <= f64::from(tolerance),
+                detail,
+            }
+        };
+
+        // Tokenization and chat template.
+        let ids = self.prompt_ids(&case.messages(), case.images.len())?;
+        let mismatched = if ids.len() == reference.input_ids.len() {
+            ids.iter()
+                .zip(&reference.input_ids)
+                .filter(|(a, b)| a != b)
+                .count()
+        } else {
+            ids.len().max(reference.input_ids.len())
+        };
+        measures.push(Measure {
+            stage: "input_ids".into(),
+            measured: mismatched as f64,
+            tolerance: 0.0,
+            pass: mismatched == 0,
+            detail: format!(
+                "differing ids ({} runtime, {} reference)",
+                ids.len(),
+                reference.input_ids.len()
+            ),
+        });
+
+        // Preprocessing, then the vision graph on the reference's pixel values.
+        let mut features = Vec::new();
+        if let Some((shape, ref_pixels)) = &reference.pixel_values {
+            let limits = DecodeLimits::default();
+            let ref_dir = self.dir.join(REFERENCE_DIR);
+            let images = case
+                .images
+                .iter()
+                .map(|name| load_image(&resolve_inside(&ref_dir, name)?, &limits))
+                .collect::<Result<Vec<_>>>()?;
+            let ours = self.pixel_values(&images);
+            measures.push(compare("pixel_values", &ours, ref_pixels, tol.pixel_values));
+            let count = shape.first().copied().unwrap_or(0);
+            features = self.image_features(ref_pixels, count)?;
+            if let Some((_, ref_features)) = &reference.image_features {
+                measures.push(compare(
+                    "image_features",
+                    &features,
+                    ref_features,
+                    tol.image_features,
+                ));
+            }
+        }
+
+        // Decoder: prefill on the reference prompt, then teacher-forced steps with the reference tokens.
+        let (logit_shape, ref_logits) = &reference.step_logits;
+        let vocab = logit_shape.get(1).copied().unwrap_or(0);
+        let steps = case.greedy_tokens.len();
+        if vocab == 0 || logit_shape[0] != steps {
+            return Err(Error::Reference {
+                case: case.name.clone(),
+                reason: format!(
+                    "step_logits has shape {logit_shape:?}, expected [{steps}, vocab]"
+                ),
+            });
+        }
+        let embeds = self.prompt_embeddings(&reference.input_ids, &features)?;
+        let mut logits = Vec::new();
+        let mut cache = self.prefill(&embeds, reference.input_ids.len(), &mut logits)?;
+        let mut worst = 0.0f64;
+        let mut worst_step = 0;
+        let mut agreement = 0;
+        for (step, &token) in case.greedy_tokens.iter().enumerate() {
+            if step > 0 {
+                self.step(case.greedy_tokens[step - 1], &mut cache, &mut logits)?;
+            }
+            let row = &ref_logits[step * vocab..(step + 1) * vocab];
+            let m = compare("logits", &logits, row, tol.logits);
+            if m.measured > worst {
+                worst = m.measured;
+                worst_step = step;
+            }
+            if argmax(&logits) == Some(token) {
+                agreement += 1;
+            }
+        }
+        let logits_measure = Measure {
+            stage: "step_logits".into(),
+            measured: worst,
+            tolerance: f64::from(tol.logits),
+            pass: worst <= f64::from(tol.logits),
+            detail: format!(
+                "worst over {steps} steps (prefill + decode), at step {worst_step}{}",
+                if tol.relative { ", relative" } else { "" }
+            ),
+        };
+        measures.push(logits_measure);
+        measures.push(Measure {
+            stage: "greedy_tokens".into(),
+            measured: (steps - agreement) as f64,
+            tolerance: 0.0,
+            pass: !tol.require_token_agreement || agreement == steps,
+            detail: format!("{agreement}/{steps} greedy tokens agree"),
+        });
+        Ok(CaseReport {
+            case: case.name.clone(),
+            measures,
+            greedy_agreement: agreement,
+            greedy_steps: steps,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diffs_and_argmax() {
+        assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 1.0]), 1.0);
+        assert!(max_abs_diff(&[1.0], &[1.0, 2.0]).is_infinite());
+        assert!(max_abs_diff(&[f32::NAN], &[1.0]).is_infinite());
+        assert_eq!(argmax(&[0.1, 0.7, 0.7, -1.0]), Some(1));
+        assert_eq!(argmax(&[]), None);
+    }
+}

@@ -1,0 +1,221 @@
+//! One ONNX Runtime session per exported graph, checked against the manifest, and the float tensors
+//! that cross its boundary (float32 or float16, as the export's dtype says).
+
+use std::path::Path;
+
+use half::f16;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::{DynValue, Tensor, TensorElementType};
+
+use crate::ep::{ProviderList, Registered};
+use crate::error::{Error, Result};
+use crate::manifest::{resolve_inside, Dim, GraphSpec, TensorDtype};
+
+/// Session options shared by the three graphs.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub providers: ProviderList,
+    /// Intra-op threads; `None` lets ONNX Runtime use every core.
+    pub threads: Option<usize>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            providers: ProviderList::cpu(),
+            threads: None,
+        }
+    }
+}
+
+pub struct Graph {
+    pub name: &'static str,
+    pub spec: GraphSpec,
+    pub session: Session,
+    pub providers: Registered,
+}
+
+impl Graph {
+    pub fn open(
+        dir: &Path,
+        name: &'static str,
+        spec: &GraphSpec,
+        options: &SessionOptions,
+    ) -> Result<Graph> {
+        let env = crate::ort_env::environment()?;
+        let path = resolve_inside(dir, &spec.file)?;
+        let mut builder = Session::builder(env)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(ort::Error::from)?;
+        if let Some(threads) = options.threads {
+            builder = builder
+                .with_intra_threads(threads)
+                .map_err(ort::Error::from)?;
+        }
+        let providers = options.providers.register(&mut builder)?;
+        let session = builder
+            .commit_from_file(&path)
+            .map_err(|e| Error::Graph {
+                graph: name.into(),
+                reason: format!("{}: {e}", path.display()),
+            })?;
+        let graph = Graph {
+            name,
+            spec: spec.clone(),
+            session,
+            providers,
+        };
+        graph.check_io()?;
+        Ok(graph)
+    }
+
+    /// The session's inputs and outputs must be exactly the manifest's, names and dtypes.
+    fn check_io(&self) -> Result<()> {
+        let sides = [
+            ("input", &self.spec.inputs, self.session.inputs()),
+            ("output", &self.spec.outputs, self.session.outputs()),
+        ];
+        for (side, expected, found) in sides {
+            if expected.len() != found.len() {
+                return Err(self.error(format!(
+                    "the graph has {} {side}s, the manifest lists {}",
+                    found.len(),
+                    expected.len()
+                )));
+            }
+            for spec in expected {
+                let outlet = found
+                    .iter()
+                    .find(|o| o.name() == spec.name)
+                    .ok_or_else(|| {
+                        self.error(format!("the graph has no {side} named {:?}", spec.name))
+                    })?;
+                let ty = outlet.dtype().tensor_type();
+                if ty != Some(ort_type(spec.dtype)) {
+                    return Err(self.error(format!(
+                        "{side} {:?} is {ty:?} in the graph, {} in the manifest",
+                        spec.name, spec.dtype
+                    )));
+                }
+                let rank = outlet.dtype().tensor_shape().map(|s| s.len());
+                if rank != Some(spec.shape.len()) {
+                    return Err(self.error(format!(
+                        "{side} {:?} has rank {rank:?} in the graph, {} in the manifest",
+                        spec.name,
+                        spec.shape.len()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn error(&self, reason: String) -> Error {
+        Error::Graph {
+            graph: self.name.into(),
+            reason,
+        }
+    }
+
+    pub fn input_name(&self, index: usize) -> &str {
+        &self.spec.inputs[index].name
+    }
+
+    pub fn output_name(&self, index: usize) -> &str {
+        &self.spec.outputs[index].name
+    }
+
+    /// A fixed dimension of an output from the manifest, e.g. the feature width of image_features.
+    pub fn fixed_output_dim(&self, output: usize, axis: usize) -> Option<usize> {
+        match self.spec.outputs.get(output)?.shape.get(axis)? {
+            Dim::Fixed(n) => usize::try_from(*n).ok(),
+            Dim::Symbolic(_) => None,
+        }
+    }
+
+    /// A human-readable line: which providers run this graph.
+    pub fn provider_summary(&self) -> String {
+        let names: Vec<&str> = self.providers.active.iter().map(|p| p.name()).collect();
+        format!("{}: {}", self.name, names.join(","))
+    }
+}
+
+fn ort_type(dtype: TensorDtype) -> TensorElementType {
+    match dtype {
+        TensorDtype::Float32 => TensorElementType::Float32,
+        TensorDtype::Float16 => TensorElementType::Float16,
+        TensorDtype::Int64 => TensorElementType::Int64,
+    }
+}
+
+/// Builds a float tensor of the graph's float type from f32 data.
+pub fn float_tensor(dtype: TensorDtype, shape: Vec<i64>, data: &[f32]) -> Result<DynValue> {
+    Ok(match dtype {
+        TensorDtype::Float32 => Tensor::from_array((shape, data.to_vec()))?.into_dyn(),
+        TensorDtype::Float16 => {
+            let halves: Vec<f16> = data.iter().map(|v| f16::from_f32(*v)).collect();
+            Tensor::from_array((shape, halves))?.into_dyn()
+        }
+        TensorDtype::Int64 => {
+            return Err(Error::Ort("float_tensor called with int64".into()));
+        }
+    })
+}
+
+pub fn int64_tensor(shape: Vec<i64>, data: Vec<i64>) -> Result<DynValue> {
+    Ok(Tensor::from_array((shape, data))?.into_dyn())
+}
+
+/// Copies a float32 or float16 tensor into `out` as f32 and returns its shape.
+pub fn read_floats(value: &DynValue, out: &mut Vec<f32>) -> Result<Vec<i64>> {
+    out.clear();
+    match value.data_type() {
+        TensorElementType::Float32 => {
+            let (shape, data) = value.try_extract_tensor::<f32>()?;
+            out.extend_from_slice(data);
+            Ok(shape.to_vec())
+        }
+        TensorElementType::Float16 => {
+            let (shape, data) = value.try_extract_tensor::<f16>()?;
+            out.extend(data.iter().map(|v| v.to_f32()));
+            Ok(shape.to_vec())
+        }
+        other => Err(Error::Ort(format!(
+            "expected a float32 or float16 tensor, found {other:?}"
+        ))),
+    }
+}
+
+/// The last row (last position) of a float tensor shaped `[.., rows, width]`, as f32.
+pub fn read_last_row(value: &DynValue, out: &mut Vec<f32>) -> Result<()> {
+    out.clear();
+    match value.data_type() {
+        TensorElementType::Float32 => {
+            let (_, data) = value.try_extract_tensor::<f32>()?;
+            let width = last_dim(value)?;
+            out.extend_from_slice(&data[data.len() - width..]);
+        }
+        TensorElementType::Float16 => {
+            let (_, data) = value.try_extract_tensor::<f16>()?;
+            let width = last_dim(value)?;
+            out.extend(data[data.len() - width..].iter().map(|v| v.to_f32()));
+        }
+        other => {
+            return Err(Error::Ort(format!(
+                "expected a float32 or float16 tensor, found {other:?}"
+            )))
+        }
+    }
+    Ok(())
+}
+
+fn last_dim(value: &DynValue) -> Result<usize> {
+    let shape = value.shape();
+    let width = shape.last().copied().unwrap_or(0);
+    let total: i64 = shape.iter().product();
+    if width <= 0 || total < width {
+        return Err(Error::Ort(format!("tensor of shape {shape:?} has no last row")));
+    }
+    Ok(width as usize)
+}

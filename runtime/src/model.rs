@@ -1,0 +1,163 @@
+//! A loaded model directory: manifest, tokenizer, chat template and the three graph sessions, and the
+//! stages of a request built from them (prompt ids, pixel values, image features, embeddings, decoder).
+
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+
+use crate::chat_template::{ChatMessage, ChatTemplate};
+use crate::decoder::decoder_step;
+use crate::embed::embed_tokens;
+use crate::error::{Error, Result};
+use crate::graph::{Graph, SessionOptions};
+use crate::kv_cache::KvCache;
+use crate::manifest::{resolve_inside, LoadOptions, Manifest};
+use crate::preprocess::pixel_values;
+use crate::splice::splice_image_features;
+use crate::tokenizer::TextTokenizer;
+use crate::vision::encode_images;
+
+#[derive(Debug, Clone, Default)]
+pub struct ModelOptions {
+    pub session: SessionOptions,
+    pub load: LoadOptions,
+}
+
+pub struct Model {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub tokenizer: TextTokenizer,
+    pub template: ChatTemplate,
+    pub vision: Graph,
+    pub embed: Graph,
+    pub decoder: Graph,
+}
+
+impl Model {
+    pub fn load(dir: &Path, options: &ModelOptions) -> Result<Model> {
+        let manifest = Manifest::load(dir, options.load)?;
+        let tokenizer =
+            TextTokenizer::from_file(&resolve_inside(dir, &manifest.text.tokenizer_file)?)?;
+        if tokenizer.vocab_size() > manifest.model.vocab_size {
+            return Err(Error::Model {
+                dir: dir.to_path_buf(),
+                reason: format!(
+                    "the tokenizer has {} tokens but the model's vocabulary is {}",
+                    tokenizer.vocab_size(),
+                    manifest.model.vocab_size
+                ),
+            });
+        }
+        let image_token = &manifest.image.image_token;
+        if tokenizer.token_to_id(image_token) != Some(manifest.image.image_token_id) {
+            return Err(Error::Model {
+                dir: dir.to_path_buf(),
+                reason: format!(
+                    "the tokenizer maps {image_token:?} to {:?}, the manifest says {}",
+                    tokenizer.token_to_id(image_token),
+                    manifest.image.image_token_id
+                ),
+            });
+        }
+        let template = ChatTemplate::new(
+            &manifest.text.chat_template,
+            &manifest.text.bos_token,
+            &manifest.text.eos_token,
+        )?;
+        let graphs = &manifest.graphs;
+        let vision = Graph::open(dir, "vision", &graphs.vision, &options.session)?;
+        let embed = Graph::open(dir, "embed", &graphs.embed, &options.session)?;
+        let decoder = Graph::open(dir, "decoder", &graphs.decoder, &options.session)?;
+        Ok(Model {
+            dir: dir.to_path_buf(),
+            manifest,
+            tokenizer,
+            template,
+            vision,
+            embed,
+            decoder,
+        })
+    }
+
+    pub fn graphs(&self) -> [&Graph; 3] {
+        [&self.vision, &self.embed, &self.decoder]
+    }
+
+    /// Chat template -> token ids, with each image placeholder expanded to tokens-per-image image tokens.
+    ///
+    /// The image token typed in message text counts as a placeholder, as in transformers' processor; the
+    /// number of placeholders must equal `images`.
+    pub fn prompt_ids(&self, messages: &[ChatMessage], images: usize) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        let ids = self.tokenizer.encode(&text)?;
+        let image = &self.manifest.image;
+        let markers = ids.iter().filter(|&&id| id == image.image_token_id).count();
+        if markers != images {
+            return Err(Error::ImageCount { markers, images });
+        }
+        let mut expanded = Vec::with_capacity(ids.len() + markers * image.tokens_per_image);
+        for id in ids {
+            if id == image.image_token_id {
+                expanded.extend(std::iter::repeat_n(id, image.tokens_per_image));
+            } else {
+                expanded.push(id);
+            }
+        }
+        Ok(expanded)
+    }
+
+    /// Preprocessed pixel values of all images, CHW each, concatenated.
+    pub fn pixel_values(&self, images: &[RgbImage]) -> Vec<f32> {
+        let config = self.manifest.image.preprocess_config();
+        images
+            .iter()
+            .flat_map(|img| pixel_values(img, &config))
+            .collect()
+    }
+
+    /// Image feature rows (`count * tokens_per_image` rows of the hidden width) for preprocessed images.
+    pub fn image_features(&mut self, pixel_values: &[f32], count: usize) -> Result<Vec<f32>> {
+        let dtype = self.manifest.float_dtype();
+        let (h, w) = (self.manifest.image.height, self.manifest.image.width);
+        let expected = count * 3 * h as usize * w as usize;
+        if pixel_values.len() != expected {
+            return Err(self.vision.error(format!(
+                "{} pixel values given for {count} images of 3x{h}x{w}",
+                pixel_values.len()
+            )));
+        }
+        encode_images(&mut self.vision, dtype, pixel_values, count, h, w)
+    }
+
+    /// Token embeddings with the image features spliced into the image-token rows.
+    pub fn prompt_embeddings(&mut self, ids: &[u32], features: &[f32]) -> Result<Vec<f32>> {
+        let mut embeds = embed_tokens(&mut self.embed, ids)?;
+        splice_image_features(
+            &mut embeds,
+            self.manifest.model.hidden_size,
+            ids,
+            self.manifest.image.image_token_id,
+            features,
+        )?;
+        Ok(embeds)
+    }
+
+    /// Runs the whole prompt through the decoder in one run; returns the cache and the last logits.
+    pub fn prefill(&mut self, embeds: &[f32], seq: usize, logits: &mut Vec<f32>) -> Result<KvCache> {
+        let dtype = self.manifest.float_dtype();
+        let mut cache = KvCache::empty(&self.manifest.model, dtype)?;
+        decoder_step(&mut self.decoder, dtype, embeds, seq, &mut cache, logits)?;
+        Ok(cache)
+    }
+
+    /// Feeds one token after the cached positions; leaves its logits in `logits`.
+    pub fn step(&mut self, token: u32, cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {
+        let dtype = self.manifest.float_dtype();
+        let embeds = embed_tokens(&mut self.embed, &[token])?;
+        decoder_step(&mut self.decoder, dtype, &embeds, 1, cache, logits)
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.manifest.model.max_context
+    }
+}

@@ -1,0 +1,32 @@
+//! The vision graph: pixel_values [n,3,H,W] -> image_features [n,N_img,D], all images in one run.
+
+use crate::error::Result;
+use crate::graph::{float_tensor, read_floats, Graph};
+use crate::manifest::TensorDtype;
+
+/// Encodes `count` preprocessed images (CHW, concatenated) of `height` x `width` into feature rows,
+/// returned as one `[count * N_img, D]` block of f32.
+pub fn encode_images(
+    graph: &mut Graph,
+    dtype: TensorDtype,
+    pixel_values: &[f32],
+    count: usize,
+    height: u32,
+    width: u32,
+) -> Result<Vec<f32>> {
+    let mut features = Vec::new();
+    if count == 0 {
+        return Ok(features);
+    }
+    let shape = vec![count as i64, 3, height as i64, width as i64];
+    let input = float_tensor(dtype, shape, pixel_values)?;
+    let name = graph.spec.inputs[0].name.as_str();
+    let outputs = graph.session.run(vec![(name, input)])?;
+    let out_name = graph.spec.outputs[0].name.as_str();
+    let value = outputs.get(out_name).ok_or_else(|| crate::Error::Graph {
+        graph: "vision".into(),
+        reason: format!("output {out_name:?} is missing"),
+    })?;
+    read_floats(value, &mut features)?;
+    Ok(features)
+}
