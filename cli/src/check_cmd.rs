@@ -48,7 +48,14 @@ pub fn run(args: &CheckArgs) -> Result<ExitCode> {
                 );
             }
         }
-        println!("{}", if report.pass() { "check passed" } else { "check FAILED" });
+        println!(
+            "{}",
+            if report.pass() {
+                "check passed"
+            } else {
+                "check FAILED"
+            }
+        );
     }
     Ok(if report.pass() {
         ExitCode::SUCCESS

@@ -55,9 +55,11 @@ pub struct GenerateArgs {
 /// Flags win; otherwise the checkpoint's generation_config; greedy when it does not sample.
 fn sampling_params(args: &GenerateArgs, defaults: &GenerationDefaults) -> SamplingParams {
     let samples = defaults.do_sample.unwrap_or(false);
-    let temperature = args
-        .temperature
-        .unwrap_or(if samples { defaults.temperature.unwrap_or(1.0) } else { 0.0 });
+    let temperature = args.temperature.unwrap_or(if samples {
+        defaults.temperature.unwrap_or(1.0)
+    } else {
+        0.0
+    });
     SamplingParams {
         temperature,
         top_k: args.top_k.or(if samples { defaults.top_k } else { None }),
@@ -113,7 +115,11 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
         generation
     };
     if args.json {
-        let providers: Vec<String> = model.graphs().iter().map(|g| g.provider_summary()).collect();
+        let providers: Vec<String> = model
+            .graphs()
+            .iter()
+            .map(|g| g.provider_summary())
+            .collect();
         let value = json!({
             "text": generation.text,
             "tokens": generation.tokens,
@@ -122,7 +128,10 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
             "timings": generation.timings,
             "providers": providers,
         });
-        println!("{}", serde_json::to_string(&value).context("encoding JSON")?);
+        println!(
+            "{}",
+            serde_json::to_string(&value).context("encoding JSON")?
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -61,18 +61,33 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
     let img = &m.image;
     println!(
         "image      {}x{} {}, {} tokens per image, image token {} ({})",
-        img.width, img.height, img.resample, img.tokens_per_image, img.image_token, img.image_token_id
+        img.width,
+        img.height,
+        img.resample,
+        img.tokens_per_image,
+        img.image_token,
+        img.image_token_id
     );
     println!(
         "text       bos {} ({}), stop ids {:?}",
         m.text.bos_token, m.text.bos_token_id, m.text.stop_token_ids
     );
     for g in model.graphs() {
-        println!("graph      {} ({}) on {}", g.name, g.spec.file, g.provider_summary());
+        println!(
+            "graph      {} ({}) on {}",
+            g.name,
+            g.spec.file,
+            g.provider_summary()
+        );
         for (side, list) in [("in ", &g.spec.inputs), ("out", &g.spec.outputs)] {
             for t in list {
                 let dims: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
-                println!("  {side} {:<28} {:<8} [{}]", t.name, t.dtype, dims.join(", "));
+                println!(
+                    "  {side} {:<28} {:<8} [{}]",
+                    t.name,
+                    t.dtype,
+                    dims.join(", ")
+                );
             }
         }
     }

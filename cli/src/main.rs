@@ -4,13 +4,18 @@ mod check_cmd;
 mod generate_cmd;
 mod inspect_cmd;
 mod model_args;
+mod tokenize_cmd;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "llama3v", version, about = "Run llama3v vision-language models exported to ONNX")]
+#[command(
+    name = "llama3v",
+    version,
+    about = "Run llama3v vision-language models exported to ONNX"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,6 +29,8 @@ enum Command {
     Check(check_cmd::CheckArgs),
     /// Show the manifest summary and each graph's inputs, outputs and execution providers.
     Inspect(inspect_cmd::InspectArgs),
+    /// Tokenize text or render and tokenize a chat (no graphs are loaded).
+    Tokenize(tokenize_cmd::TokenizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +39,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Check(args) => check_cmd::run(args),
         Command::Inspect(args) => inspect_cmd::run(args),
+        Command::Tokenize(args) => tokenize_cmd::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -300,7 +300,7 @@ def _declare_shapes(graph: onnx.GraphProto, spec: GraphSpec) -> None:
     the declared shape is what tools and the runtime read, and validation checks the real output shapes.
     """
     for values, tensors in ((graph.input, spec.inputs), (graph.output, spec.outputs)):
-        for value, tensor in zip(values, tensors):
+        for value, tensor in zip(values, tensors, strict=True):
             dims = value.type.tensor_type.shape.dim
             del dims[:]
             for d in tensor.shape:

@@ -57,7 +57,7 @@ class Preset:
     vision_num_attention_heads: int
     vision_intermediate_size: int
     vision_feature_layer: int
-    weight_std: float = 0.08
+    weight_std: float = 0.12
 
 
 PRESETS: dict[str, Preset] = {
@@ -70,6 +70,9 @@ PRESETS: dict[str, Preset] = {
     # Benchmark size: Llama-3-like decoder ratios, SigLIP-so400m's 384 px / patch 14 (729 image tokens).
     "mid": Preset(512, 8, 8, 2, 1536, 384, 14, 384, 6, 6, 1536, -2, weight_std=0.04),
 }
+
+
+TINY_PRESETS = ("tiny-a", "tiny-b", "tiny-c")
 
 
 def llava_config(preset: Preset) -> LlavaConfig:
@@ -142,9 +145,7 @@ def generation_config() -> GenerationConfig:
 
 def processor(preset: Preset) -> LlavaProcessor:
     """Tokenizer + SigLIP image processor (PIL backend) + chat template, as a LLaVA processor."""
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer(), bos_token=BOS_TOKEN, eos_token=EOT_TOKEN
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(), bos_token=BOS_TOKEN, eos_token=EOT_TOKEN)
     image_processor = SiglipImageProcessorPil(
         do_resize=True,
         size={"height": preset.image_size, "width": preset.image_size},

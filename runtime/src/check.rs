@@ -48,7 +48,8 @@ impl ReferenceCase {
                 content: vec![ContentPart::Text(system.clone())],
             });
         }
-        let mut content: Vec<ContentPart> = self.images.iter().map(|_| ContentPart::Image).collect();
+        let mut content: Vec<ContentPart> =
+            self.images.iter().map(|_| ContentPart::Image).collect();
         content.push(ContentPart::Text(self.prompt.clone()));
         messages.push(ChatMessage {
             role: "user".into(),
@@ -184,7 +185,10 @@ fn load_tensors(dir: &Path, case: &ReferenceCase) -> Result<CaseTensors> {
         .tensor("input_ids")
         .map_err(|e| err(format!("input_ids: {e}")))?;
     if ids_view.dtype() != safetensors::Dtype::I64 {
-        return Err(err(format!("input_ids is {:?}, expected I64", ids_view.dtype())));
+        return Err(err(format!(
+            "input_ids is {:?}, expected I64",
+            ids_view.dtype()
+        )));
     }
     let input_ids = ids_view
         .data()
@@ -259,7 +263,10 @@ impl Model {
             let diff = max_abs_diff(ours, theirs);
             let (measured, detail) = if tol.relative && stage != "pixel_values" {
                 let scale = max_abs(theirs).max(f64::MIN_POSITIVE);
-                (diff / scale, format!("max abs diff {diff:.3e}, relative to max |ref| {scale:.3e}"))
+                (
+                    diff / scale,
+                    format!("max abs diff {diff:.3e}, relative to max |ref| {scale:.3e}"),
+                )
             } else {
                 (diff, "max abs diff".to_string())
             };
@@ -307,7 +314,7 @@ impl Model {
             let ours = self.pixel_values(&images);
             measures.push(compare("pixel_values", &ours, ref_pixels, tol.pixel_values));
             let count = shape.first().copied().unwrap_or(0);
-            features = self.image_features(ref_pixels, count)?;
+            features = self.sessions.image_features(ref_pixels, count)?;
             if let Some((_, ref_features)) = &reference.image_features {
                 measures.push(compare(
                     "image_features",
@@ -325,20 +332,23 @@ impl Model {
         if vocab == 0 || logit_shape[0] != steps {
             return Err(Error::Reference {
                 case: case.name.clone(),
-                reason: format!(
-                    "step_logits has shape {logit_shape:?}, expected [{steps}, vocab]"
-                ),
+                reason: format!("step_logits has shape {logit_shape:?}, expected [{steps}, vocab]"),
             });
         }
-        let embeds = self.prompt_embeddings(&reference.input_ids, &features)?;
+        let embeds = self
+            .sessions
+            .prompt_embeddings(&reference.input_ids, &features)?;
         let mut logits = Vec::new();
-        let mut cache = self.prefill(&embeds, reference.input_ids.len(), &mut logits)?;
+        let mut cache = self
+            .sessions
+            .prefill(&embeds, reference.input_ids.len(), &mut logits)?;
         let mut worst = 0.0f64;
         let mut worst_step = 0;
         let mut agreement = 0;
         for (step, &token) in case.greedy_tokens.iter().enumerate() {
             if step > 0 {
-                self.step(case.greedy_tokens[step - 1], &mut cache, &mut logits)?;
+                self.sessions
+                    .step(case.greedy_tokens[step - 1], &mut cache, &mut logits)?;
             }
             let row = &ref_logits[step * vocab..(step + 1) * vocab];
             let m = compare("logits", &logits, row, tol.logits);

@@ -22,7 +22,7 @@ pub fn decoder_step(
     cache: &mut KvCache,
     logits: &mut Vec<f32>,
 ) -> Result<()> {
-    if seq == 0 || embeds.len() % seq != 0 {
+    if seq == 0 || !embeds.len().is_multiple_of(seq) {
         return Err(graph.error(format!(
             "{} embedding values do not make {seq} rows",
             embeds.len()

@@ -141,7 +141,10 @@ pub struct Registered {
     pub warnings: Vec<String>,
 }
 
-fn register_one(provider: Provider, builder: &mut SessionBuilder) -> std::result::Result<(), String> {
+fn register_one(
+    provider: Provider,
+    builder: &mut SessionBuilder,
+) -> std::result::Result<(), String> {
     // A provider the loaded ONNX Runtime was built without cannot register; say so plainly instead of
     // passing on ONNX Runtime's lower-level message.
     let available = match provider {
@@ -181,7 +184,10 @@ mod tests {
     #[test]
     fn unknown_and_repeated_providers_are_refused() {
         let err = "cpu,rocm".parse::<ProviderList>().unwrap_err().to_string();
-        assert!(err.contains("rocm") && err.contains("expected cpu, cuda or tensorrt"), "{err}");
+        assert!(
+            err.contains("rocm") && err.contains("expected cpu, cuda or tensorrt"),
+            "{err}"
+        );
         let err = "cpu,cpu".parse::<ProviderList>().unwrap_err().to_string();
         assert!(err.contains("named twice"), "{err}");
         assert!("".parse::<ProviderList>().is_err());

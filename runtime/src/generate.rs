@@ -78,13 +78,15 @@ impl Model {
         let pixels = self.pixel_values(request.images);
         timings.preprocess_ms = ms_since(t);
         let t = Instant::now();
-        let features = self.image_features(&pixels, request.images.len())?;
+        let features = self
+            .sessions
+            .image_features(&pixels, request.images.len())?;
         timings.vision_ms = ms_since(t);
 
         let t = Instant::now();
-        let embeds = self.prompt_embeddings(&prompt, &features)?;
+        let embeds = self.sessions.prompt_embeddings(&prompt, &features)?;
         let mut logits = Vec::new();
-        let mut cache = self.prefill(&embeds, prompt.len(), &mut logits)?;
+        let mut cache = self.sessions.prefill(&embeds, prompt.len(), &mut logits)?;
         timings.prefill_ms = ms_since(t);
 
         let stop_ids = &self.manifest.text.stop_token_ids;
@@ -111,7 +113,7 @@ impl Model {
                 text.push_str(&piece);
             }
             if step + 1 < request.max_new_tokens {
-                self.step(token, &mut cache, &mut logits)?;
+                self.sessions.step(token, &mut cache, &mut logits)?;
             }
         }
         let rest = stream.finish()?;

@@ -54,12 +54,10 @@ impl Graph {
                 .map_err(ort::Error::from)?;
         }
         let providers = options.providers.register(&mut builder)?;
-        let session = builder
-            .commit_from_file(&path)
-            .map_err(|e| Error::Graph {
-                graph: name.into(),
-                reason: format!("{}: {e}", path.display()),
-            })?;
+        let session = builder.commit_from_file(&path).map_err(|e| Error::Graph {
+            graph: name.into(),
+            reason: format!("{}: {e}", path.display()),
+        })?;
         let graph = Graph {
             name,
             spec: spec.clone(),
@@ -215,7 +213,9 @@ fn last_dim(value: &DynValue) -> Result<usize> {
     let width = shape.last().copied().unwrap_or(0);
     let total: i64 = shape.iter().product();
     if width <= 0 || total < width {
-        return Err(Error::Ort(format!("tensor of shape {shape:?} has no last row")));
+        return Err(Error::Ort(format!(
+            "tensor of shape {shape:?} has no last row"
+        )));
     }
     Ok(width as usize)
 }

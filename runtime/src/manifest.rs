@@ -223,7 +223,7 @@ impl Manifest {
         if m.num_layers == 0 || m.num_kv_heads == 0 || m.head_dim == 0 || m.vocab_size == 0 {
             return Err("model dims must be positive".into());
         }
-        if m.num_attention_heads % m.num_kv_heads != 0 {
+        if !m.num_attention_heads.is_multiple_of(m.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_kv_heads {}",
                 m.num_attention_heads, m.num_kv_heads

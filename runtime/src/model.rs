@@ -11,7 +11,9 @@ use crate::embed::embed_tokens;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, SessionOptions};
 use crate::kv_cache::KvCache;
-use crate::manifest::{resolve_inside, LoadOptions, Manifest};
+use crate::manifest::{
+    resolve_inside, ImageSettings, LoadOptions, Manifest, ModelDims, TensorDtype,
+};
 use crate::preprocess::pixel_values;
 use crate::splice::splice_image_features;
 use crate::tokenizer::TextTokenizer;
@@ -28,9 +30,18 @@ pub struct Model {
     pub manifest: Manifest,
     pub tokenizer: TextTokenizer,
     pub template: ChatTemplate,
+    pub sessions: Sessions,
+}
+
+/// The three graph sessions and what running them needs from the manifest. Kept apart from the
+/// tokenizer so a decode loop can stream text while it runs the graphs.
+pub struct Sessions {
     pub vision: Graph,
     pub embed: Graph,
     pub decoder: Graph,
+    dtype: TensorDtype,
+    dims: ModelDims,
+    image: ImageSettings,
 }
 
 impl Model {
@@ -65,22 +76,26 @@ impl Model {
             &manifest.text.eos_token,
         )?;
         let graphs = &manifest.graphs;
-        let vision = Graph::open(dir, "vision", &graphs.vision, &options.session)?;
-        let embed = Graph::open(dir, "embed", &graphs.embed, &options.session)?;
-        let decoder = Graph::open(dir, "decoder", &graphs.decoder, &options.session)?;
+        let sessions = Sessions {
+            vision: Graph::open(dir, "vision", &graphs.vision, &options.session)?,
+            embed: Graph::open(dir, "embed", &graphs.embed, &options.session)?,
+            decoder: Graph::open(dir, "decoder", &graphs.decoder, &options.session)?,
+            dtype: manifest.float_dtype(),
+            dims: manifest.model.clone(),
+            image: manifest.image.clone(),
+        };
         Ok(Model {
             dir: dir.to_path_buf(),
             manifest,
             tokenizer,
             template,
-            vision,
-            embed,
-            decoder,
+            sessions,
         })
     }
 
     pub fn graphs(&self) -> [&Graph; 3] {
-        [&self.vision, &self.embed, &self.decoder]
+        let s = &self.sessions;
+        [&s.vision, &s.embed, &s.decoder]
     }
 
     /// Chat template -> token ids, with each image placeholder expanded to tokens-per-image image tokens.
@@ -115,10 +130,16 @@ impl Model {
             .collect()
     }
 
+    pub fn max_context(&self) -> usize {
+        self.manifest.model.max_context
+    }
+}
+
+impl Sessions {
     /// Image feature rows (`count * tokens_per_image` rows of the hidden width) for preprocessed images.
     pub fn image_features(&mut self, pixel_values: &[f32], count: usize) -> Result<Vec<f32>> {
-        let dtype = self.manifest.float_dtype();
-        let (h, w) = (self.manifest.image.height, self.manifest.image.width);
+        let dtype = self.dtype;
+        let (h, w) = (self.image.height, self.image.width);
         let expected = count * 3 * h as usize * w as usize;
         if pixel_values.len() != expected {
             return Err(self.vision.error(format!(
@@ -134,30 +155,31 @@ impl Model {
         let mut embeds = embed_tokens(&mut self.embed, ids)?;
         splice_image_features(
             &mut embeds,
-            self.manifest.model.hidden_size,
+            self.dims.hidden_size,
             ids,
-            self.manifest.image.image_token_id,
+            self.image.image_token_id,
             features,
         )?;
         Ok(embeds)
     }
 
     /// Runs the whole prompt through the decoder in one run; returns the cache and the last logits.
-    pub fn prefill(&mut self, embeds: &[f32], seq: usize, logits: &mut Vec<f32>) -> Result<KvCache> {
-        let dtype = self.manifest.float_dtype();
-        let mut cache = KvCache::empty(&self.manifest.model, dtype)?;
+    pub fn prefill(
+        &mut self,
+        embeds: &[f32],
+        seq: usize,
+        logits: &mut Vec<f32>,
+    ) -> Result<KvCache> {
+        let dtype = self.dtype;
+        let mut cache = KvCache::empty(&self.dims, dtype)?;
         decoder_step(&mut self.decoder, dtype, embeds, seq, &mut cache, logits)?;
         Ok(cache)
     }
 
     /// Feeds one token after the cached positions; leaves its logits in `logits`.
     pub fn step(&mut self, token: u32, cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {
-        let dtype = self.manifest.float_dtype();
+        let dtype = self.dtype;
         let embeds = embed_tokens(&mut self.embed, &[token])?;
         decoder_step(&mut self.decoder, dtype, &embeds, 1, cache, logits)
-    }
-
-    pub fn max_context(&self) -> usize {
-        self.manifest.model.max_context
     }
 }

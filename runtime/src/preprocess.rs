@@ -126,7 +126,11 @@ pub fn decode_image(bytes: &[u8], source_name: &str, limits: &DecodeLimits) -> R
     })?;
     if !matches!(
         format,
-        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP | ImageFormat::Gif | ImageFormat::Bmp
+        ImageFormat::Png
+            | ImageFormat::Jpeg
+            | ImageFormat::WebP
+            | ImageFormat::Gif
+            | ImageFormat::Bmp
     ) {
         return Err(image_error(
             source_name,
@@ -180,7 +184,9 @@ fn decode_dynamic(
 /// Reads and decodes an image file; see [`decode_image`].
 pub fn load_image(path: &Path, limits: &DecodeLimits) -> Result<RgbImage> {
     let source_name = path.display().to_string();
-    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
     // An encoded file bigger than the decode budget would decode to more than it anyway.
     if len > limits.max_alloc_bytes {
         return Err(image_error(
@@ -240,9 +246,9 @@ fn to_rgb_like_pillow(img: DynamicImage) -> RgbImage {
     match img {
         DynamicImage::ImageRgb8(rgb) => rgb,
         DynamicImage::ImageLuma8(l) => map_pixels::<u8, 1>(w, h, l.as_raw(), |p| [p[0]; 3]),
-        DynamicImage::ImageLumaA8(la) => map_pixels::<u8, 2>(w, h, la.as_raw(), |p| {
-            [over_white(p[0], p[1]); 3]
-        }),
+        DynamicImage::ImageLumaA8(la) => {
+            map_pixels::<u8, 2>(w, h, la.as_raw(), |p| [over_white(p[0], p[1]); 3])
+        }
         DynamicImage::ImageRgba8(rgba) => map_pixels::<u8, 4>(w, h, rgba.as_raw(), |p| {
             [
                 over_white(p[0], p[3]),
@@ -622,12 +628,17 @@ mod tests {
     #[test]
     fn rejects_bad_input_with_the_name() {
         let limits = DecodeLimits::default();
-        let err = decode_image(&[], "empty.png", &limits).unwrap_err().to_string();
+        let err = decode_image(&[], "empty.png", &limits)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("empty.png") && err.contains("empty"), "{err}");
         let err = decode_image(b"hello, world", "x.txt", &limits)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("x.txt") && err.contains("not a recognized"), "{err}");
+        assert!(
+            err.contains("x.txt") && err.contains("not a recognized"),
+            "{err}"
+        );
         let png = encode_png(&DynamicImage::ImageRgb8(gradient(64, 64)));
         let err = decode_image(&png[..png.len() / 2], "half.png", &limits)
             .unwrap_err()
@@ -660,7 +671,9 @@ mod tests {
             ..DecodeLimits::default()
         };
         let big = encode_png(&DynamicImage::ImageRgb8(RgbImage::new(1024, 1024)));
-        let err = decode_image(&big, "big.png", &tight).unwrap_err().to_string();
+        let err = decode_image(&big, "big.png", &tight)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("big.png") && err.contains("limit"), "{err}");
     }
 
@@ -669,7 +682,11 @@ mod tests {
         for &b in data {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc

@@ -15,12 +15,8 @@ pub fn splice_image_features(
     features: &[f32],
 ) -> Result<()> {
     let markers = ids.iter().filter(|&&id| id == image_token_id).count();
-    let rows = if hidden == 0 {
-        0
-    } else {
-        features.len() / hidden
-    };
-    if hidden == 0 || features.len() % hidden != 0 || rows != markers {
+    let rows = features.len().checked_div(hidden).unwrap_or(0);
+    if hidden == 0 || !features.len().is_multiple_of(hidden) || rows != markers {
         return Err(Error::Splice { rows, markers });
     }
     if embeds.len() != ids.len() * hidden {
@@ -72,6 +68,9 @@ mod tests {
         let err = splice_image_features(&mut embeds, 2, &[IMG, IMG, 1], IMG, &[1.0, 2.0])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("1 rows") && err.contains("2 image-token"), "{err}");
+        assert!(
+            err.contains("1 rows") && err.contains("2 image-token"),
+            "{err}"
+        );
     }
 }

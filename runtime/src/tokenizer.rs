@@ -244,14 +244,14 @@ mod tests {
         // (left, right) byte pieces; merges build these multi-byte tokens.
         let pieces: Vec<(Vec<u8>, Vec<u8>)> = vec![
             (b"h".to_vec(), b"i".to_vec()),
-            (vec![0xF0], vec![0x9F]),             // first half of a 4-byte emoji
-            (vec![0x98], vec![0x80]),             // second half of 😀 (F0 9F 98 80)
-            (vec![0xE4], vec![0xBD]),             // first two bytes of 你 (E4 BD A0)
-            (vec![0xA0], vec![0x20]),             // last byte of 你 + space
-            (vec![0xE2], vec![0x80]),             // ZWJ / general punctuation prefix
-            (vec![0xE2, 0x80], vec![0x8D]),       // ZWJ (E2 80 8D)
-            (vec![0x20], b"w".to_vec()),          // " w"
-            (vec![0xC3], vec![0xA9]),             // é
+            (vec![0xF0], vec![0x9F]),       // first half of a 4-byte emoji
+            (vec![0x98], vec![0x80]),       // second half of 😀 (F0 9F 98 80)
+            (vec![0xE4], vec![0xBD]),       // first two bytes of 你 (E4 BD A0)
+            (vec![0xA0], vec![0x20]),       // last byte of 你 + space
+            (vec![0xE2], vec![0x80]),       // ZWJ / general punctuation prefix
+            (vec![0xE2, 0x80], vec![0x8D]), // ZWJ (E2 80 8D)
+            (vec![0x20], b"w".to_vec()),    // " w"
+            (vec![0xC3], vec![0xA9]),       // é
         ];
         let mut merges = Vec::new();
         let mut next = 256u32;
@@ -265,7 +265,12 @@ mod tests {
             merges.push((ls, rs));
         }
         let bpe = BPE::builder()
-            .vocab_and_merges(vocab.into_iter().collect(), merges)
+            .vocab_and_merges(
+                vocab
+                    .into_iter()
+                    .collect::<tokenizers::models::bpe::Vocab>(),
+                merges,
+            )
             .build()
             .unwrap_or_else(|e| panic!("test BPE: {e}"));
         let mut tok = Tokenizer::new(bpe);
@@ -291,7 +296,9 @@ mod tests {
     fn check_invariant(tok: &TextTokenizer, ids: &[u32]) {
         for skip in [false, true] {
             let chunks = stream(tok, ids, skip);
-            let whole = tok.decode(ids, skip).unwrap_or_else(|e| panic!("decode: {e}"));
+            let whole = tok
+                .decode(ids, skip)
+                .unwrap_or_else(|e| panic!("decode: {e}"));
             assert_eq!(chunks.concat(), whole, "ids {ids:?} skip {skip}");
             // Chunks before the last only contain U+FFFD where the whole text does: a split
             // character never shows up as U+FFFD.

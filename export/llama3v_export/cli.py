@@ -1,0 +1,117 @@
+"""`llama3v-export`: a Hugging Face LLaVA checkpoint directory -> a llama3v model directory (onnx/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .graphs import dims_from_config, export_all, graph_specs, load_model
+from .manifest import build_manifest, write_model_files
+from .reference import write_reference
+from .validate import Comparison, ValidationError, validate_graphs, validate_reference
+
+DEFAULT_OPSET = 17
+FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+@dataclass
+class ExportResult:
+    model_dir: Path
+    manifest: dict
+    comparisons: list[Comparison] = field(default_factory=list)
+    reference: dict | None = None
+
+
+def export_model(
+    checkpoint_dir: Path,
+    out: Path,
+    dtype: str = "fp32",
+    reference: bool = False,
+    opset: int = DEFAULT_OPSET,
+    validate: bool = True,
+    log: Callable[[str], None] = print,
+    external_data: bool | None = None,
+) -> ExportResult:
+    """Export, validate against PyTorch, optionally write reference cases, then write the manifest.
+
+    Raises CheckpointError for an unusable checkpoint and ValidationError when a graph is out of tolerance (the
+    manifest is then not written, so the directory is not loadable).
+    """
+    start = time.perf_counter()
+
+    def step(message: str) -> None:
+        log(f"[{time.perf_counter() - start:6.1f} s] {message}")
+
+    checkpoint = load_checkpoint(checkpoint_dir)
+    step(f"checkpoint {checkpoint.path}: {', '.join(p.name for p in checkpoint.weights)}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    model = load_model(checkpoint.path, dtype)
+    dims = dims_from_config(model.config)
+    specs = graph_specs(dims, FLOAT_DTYPES[dtype])
+    step(
+        f"loaded model ({dtype}): {dims.num_layers} layers, hidden {dims.hidden_size}, {dims.tokens_per_image} "
+        "image tokens"
+    )
+    files = export_all(model, dims, out, FLOAT_DTYPES[dtype], opset, step, external_data)
+    graph_files = {name: paths[0] for name, paths in files.items()}
+    if dtype != "fp32":
+        # fp16 graphs are judged against the fp32 model: the error that matters is the one from full precision.
+        del model
+        model = load_model(checkpoint.path, "fp32")
+    result = ExportResult(out, {})
+    if validate:
+        step("validating graphs with onnxruntime against PyTorch")
+        result.comparisons += validate_graphs(graph_files, specs, model, dims, dtype, step)
+    if reference:
+        step("computing reference cases with transformers")
+        # The reference runs the attention users get by default, not the eager path traced for export.
+        model.set_attn_implementation("sdpa")
+        result.reference = write_reference(checkpoint, model, out / "reference", step)
+        if validate:
+            step("running the reference cases through the exported graphs")
+            result.comparisons += validate_reference(
+                out / "reference", graph_files, specs, dims, dtype, checkpoint.image_token_id, step
+            )
+    result.manifest = build_manifest(checkpoint, dims, specs, files, dtype, opset)
+    write_model_files(out, checkpoint, result.manifest)
+    step(f"wrote {out / 'manifest.json'}")
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llama3v-export", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="Hugging Face LLaVA checkpoint directory")
+    parser.add_argument("--out", required=True, type=Path, help="model directory to write")
+    parser.add_argument("--dtype", choices=sorted(FLOAT_DTYPES), default="fp32")
+    parser.add_argument("--reference", action="store_true", help="also write reference/ cases from transformers")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
+    parser.add_argument("--skip-validation", action="store_true", help="do not compare the graphs with PyTorch")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = export_model(
+            args.checkpoint, args.out, args.dtype, args.reference, args.opset, validate=not args.skip_validation
+        )
+    except CheckpointError as err:
+        print(f"llama3v-export: error: {err}", file=sys.stderr)
+        return 2
+    except ValidationError as err:
+        print(f"llama3v-export: validation failed: {err}", file=sys.stderr)
+        return 1
+    checked = f"{len(result.comparisons)} comparisons within tolerance" if result.comparisons else "not validated"
+    cases = f", {len(result.reference['cases'])} reference cases" if result.reference else ""
+    print(f"llama3v-export: wrote {args.dtype} model directory {result.model_dir} ({checked}{cases})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

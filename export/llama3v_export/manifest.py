@@ -1,0 +1,154 @@
+"""manifest.json: the model directory's contract with the runtime (onnx/README.md, format version 1)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tokenizers import Tokenizer
+
+from . import __version__
+from .checkpoint import PIL_RESAMPLE, Checkpoint, CheckpointError
+from .graphs import Dims, GraphSpec
+
+FORMAT = "llama3v-model"
+FORMAT_VERSION = 1
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def graph_entry(spec: GraphSpec, files: list[Path]) -> dict[str, Any]:
+    """A graph's file, checksums, and inputs/outputs in contract order; `external_data` is [] when the weights
+    are inside the graph file."""
+    graph, *external = files
+    return {
+        "file": graph.name,
+        "sha256": sha256(graph),
+        "external_data": [{"file": p.name, "sha256": sha256(p)} for p in external],
+        "inputs": [t.to_json() for t in spec.inputs],
+        "outputs": [t.to_json() for t in spec.outputs],
+    }
+
+
+def _token_content(token: Any) -> str | None:
+    """tokenizer_config.json stores special tokens as strings or as AddedToken dicts."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _token_id(tokenizer: Tokenizer, token: str, source: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise CheckpointError(f"{source} names {token!r}, which is not in tokenizer.json")
+    return token_id
+
+
+def text_settings(checkpoint: Checkpoint) -> dict[str, Any]:
+    """Tokenizer file, BOS, end-of-turn token, stop ids (generation_config.json's eos_token_id) and template."""
+    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_file))
+    generation = checkpoint.generation_config
+    bos = _token_content(checkpoint.tokenizer_config.get("bos_token"))
+    if bos is None:
+        bos = tokenizer.id_to_token(generation["bos_token_id"])
+    eos = _token_content(checkpoint.tokenizer_config.get("eos_token"))
+    stop = generation.get("eos_token_id", checkpoint.config["text_config"].get("eos_token_id"))
+    if stop is None:
+        raise CheckpointError(f"{checkpoint.path}: generation_config.json has no eos_token_id (the stop tokens)")
+    stop_ids = [stop] if isinstance(stop, int) else list(stop)
+    if eos is not None:
+        _token_id(tokenizer, eos, "tokenizer_config.json eos_token")
+    return {
+        "tokenizer_file": TOKENIZER_FILE,
+        "bos_token": bos,
+        "bos_token_id": _token_id(tokenizer, bos, "tokenizer_config.json bos_token"),
+        "eos_token": eos,
+        "pad_token_id": generation.get("pad_token_id"),
+        "stop_token_ids": stop_ids,
+        "chat_template": checkpoint.chat_template,
+    }
+
+
+def image_settings(checkpoint: Checkpoint, dims: Dims) -> dict[str, Any]:
+    """Preprocessing as the checkpoint's SigLIP image processor does it, and the image token."""
+    image = checkpoint.image_settings
+    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_file))
+    token_id = _token_id(tokenizer, checkpoint.image_token, "the processor's image_token")
+    if token_id != checkpoint.image_token_id:
+        raise CheckpointError(
+            f"{checkpoint.path}: tokenizer.json gives {checkpoint.image_token} id {token_id}, config.json says "
+            f"{checkpoint.image_token_id}"
+        )
+    return {
+        "height": image["size"]["height"],
+        "width": image["size"]["width"],
+        "resample": PIL_RESAMPLE[image["resample"]],
+        "do_rescale": image["do_rescale"],
+        "rescale_factor": image["rescale_factor"],
+        "do_normalize": image["do_normalize"],
+        "mean": list(image["image_mean"]),
+        "std": list(image["image_std"]),
+        "do_convert_rgb": image["do_convert_rgb"],
+        "tokens_per_image": dims.tokens_per_image,
+        "image_token": checkpoint.image_token,
+        "image_token_id": token_id,
+    }
+
+
+def build_manifest(
+    checkpoint: Checkpoint,
+    dims: Dims,
+    specs: dict[str, GraphSpec],
+    files: dict[str, list[Path]],
+    dtype: str,
+    opset: int,
+) -> dict[str, Any]:
+    generation = checkpoint.generation_config
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype,
+        "graphs": {name: graph_entry(specs[name], files[name]) for name in ("vision", "embed", "decoder")},
+        "model": {
+            "num_layers": dims.num_layers,
+            "num_attention_heads": dims.num_attention_heads,
+            "num_kv_heads": dims.num_kv_heads,
+            "head_dim": dims.head_dim,
+            "hidden_size": dims.hidden_size,
+            "vocab_size": dims.vocab_size,
+            "max_context": dims.max_context,
+        },
+        "image": image_settings(checkpoint, dims),
+        "text": text_settings(checkpoint),
+        # Values generation_config.json leaves unset are null.
+        "generation": {k: generation.get(k) for k in ("temperature", "top_p", "top_k", "do_sample")},
+        "provenance": {
+            "source_checkpoint": str(checkpoint.path.resolve()),
+            "exporter": f"llama3v-export {__version__}",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx_opset": opset,
+            "dtype": dtype,
+            "quantization": None,
+            "graph_flavour": "plain",
+        },
+    }
+
+
+def write_model_files(out: Path, checkpoint: Checkpoint, manifest: dict[str, Any]) -> Path:
+    """Copy the tokenizer beside the graphs and write manifest.json (last, so a directory with a manifest is
+    complete)."""
+    shutil.copyfile(checkpoint.tokenizer_file, out / TOKENIZER_FILE)
+    path = out / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,242 @@
+"""Parity of the exported graphs (onnxruntime, CPU) with the PyTorch model they came from.
+
+fp32 exports: every output within 1e-4 absolute. fp16 exports are compared with the fp32 model: relative error
+(max abs diff / max abs of the reference) within 1e-2, and top-1 agreement of the logits is reported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from safetensors.numpy import load_file
+from transformers import DynamicCache, LlavaForConditionalGeneration
+
+from .graphs import Dims, GraphSpec, dummy_inputs
+
+FP32_ABS_TOLERANCE = 1e-4
+FP16_REL_TOLERANCE = 1e-2
+
+
+class ValidationError(RuntimeError):
+    """An exported graph disagrees with PyTorch beyond tolerance."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One output compared on one case; `relative` and `top1` are set for fp16 and logits respectively."""
+
+    label: str
+    max_abs_diff: float
+    tolerance: float
+    relative: float | None = None
+    top1: tuple[int, int] | None = None
+
+    @property
+    def passed(self) -> bool:
+        measured = self.max_abs_diff if self.relative is None else self.relative
+        return bool(measured <= self.tolerance)
+
+    def line(self) -> str:
+        text = f"{self.label}: max abs diff {self.max_abs_diff:.3e}"
+        if self.relative is None:
+            text += f" (tolerance {self.tolerance:.0e})"
+        else:
+            text += f", relative error {self.relative:.3e} (tolerance {self.tolerance:.0e})"
+        if self.top1 is not None:
+            text += f", top-1 agreement {self.top1[0]}/{self.top1[1]}"
+        return text + ("" if self.passed else "  FAILED")
+
+
+def compare(label: str, got: np.ndarray, want: np.ndarray, dtype: str, logits: bool = False) -> Comparison:
+    """Max abs diff of `got` against `want` (fp32 reference), with the dtype's tolerance."""
+    got32, want32 = got.astype(np.float32), want.astype(np.float32)
+    if got32.shape != want32.shape:
+        raise ValidationError(f"{label}: shape {got32.shape} differs from the reference's {want32.shape}")
+    diff = float(np.abs(got32 - want32).max()) if got32.size else 0.0
+    if not np.isfinite(got32).all():
+        diff = float("inf")
+    top1 = None
+    if logits:
+        agree = got32.argmax(-1) == want32.argmax(-1)
+        top1 = (int(agree.sum()), int(agree.size))
+    if dtype == "fp32":
+        return Comparison(label, diff, FP32_ABS_TOLERANCE, top1=top1)
+    scale = float(np.abs(want32).max()) if want32.size else 1.0
+    return Comparison(label, diff, FP16_REL_TOLERANCE, relative=diff / max(scale, 1e-30), top1=top1)
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _torch_reference(model: LlavaForConditionalGeneration, dims: Dims, graph: str, inputs: dict) -> list[np.ndarray]:
+    """The model's own code path for each graph, in fp32, with the graph's inputs."""
+    as32 = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        if graph == "vision":
+            features = model.get_image_features(
+                pixel_values=as32["pixel_values"],
+                vision_feature_layer=dims.vision_feature_layer,
+                vision_feature_select_strategy="full",
+            ).pooler_output
+            return [torch.stack(list(features)).numpy()]
+        if graph == "embed":
+            return [model.get_input_embeddings()(as32["input_ids"]).numpy()]
+        past = [as32[n] for n in list(as32)[3:]]
+        # An empty past is the model's own prefill path: no cache passed in, the model creates it.
+        cache = (
+            DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(dims.num_layers)]) if past[0].shape[2] else None
+        )
+        out = model(
+            inputs_embeds=as32["inputs_embeds"],
+            attention_mask=as32["attention_mask"],
+            position_ids=as32["position_ids"],
+            cache=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        present = [t.numpy() for layer in out.cache.layers for t in (layer.keys, layer.values)]
+        return [out.logits.numpy(), *present]
+
+
+# (graph, case label, sizes): decoder cases cover prefill with an empty past, a single-token decode step and a
+# chunk appended to a past, the three regimes a traced graph could have specialised on.
+CASES = (
+    ("vision", "batch 2", {"batch": 2, "sequence": 1, "past_sequence": 0}),
+    ("embed", "B=2 S=7", {"batch": 2, "sequence": 7, "past_sequence": 0}),
+    ("decoder", "prefill P=0 S=5", {"batch": 1, "sequence": 5, "past_sequence": 0}),
+    ("decoder", "decode P=5 S=1", {"batch": 1, "sequence": 1, "past_sequence": 5}),
+    ("decoder", "chunk P=5 S=3, B=2 with padding", {"batch": 2, "sequence": 3, "past_sequence": 5}),
+)
+
+
+def _case_inputs(spec: GraphSpec, dims: Dims, sizes: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
+    inputs = dummy_inputs(spec, {**sizes, "vocab": dims.vocab_size}, seed=seed)
+    if "pixel_values" in inputs:
+        # The processor's output range: rescaled to [0, 1], normalised with mean = std = 0.5.
+        inputs["pixel_values"] = (
+            torch.rand(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        ).to(inputs["pixel_values"].dtype)
+    if "input_ids" in inputs:
+        # The image token and both ends of the table.
+        inputs["input_ids"][0, :3] = torch.tensor([0, dims.vocab_size - 1, dims.vocab_size - 2])
+    if sizes["batch"] == 2 and "attention_mask" in inputs:
+        # Left padding in the second sequence's past; its new positions keep attending to real positions.
+        inputs["attention_mask"][1, :2] = 0
+    return inputs
+
+
+def _resolve(shape: Sequence[int | str], sizes: dict[str, int]) -> tuple[int, ...]:
+    resolved = {**sizes, "total_sequence": sizes["past_sequence"] + sizes["sequence"]}
+    return tuple(resolved[d] if isinstance(d, str) else d for d in shape)
+
+
+def validate_graphs(
+    files: dict[str, Path],
+    specs: dict[str, GraphSpec],
+    reference: LlavaForConditionalGeneration,
+    dims: Dims,
+    dtype: str,
+    log: Callable[[str], None] = print,
+) -> list[Comparison]:
+    """Run every case through onnxruntime and the fp32 PyTorch model; raises ValidationError on any failure."""
+    comparisons: list[Comparison] = []
+    sessions = {name: session(path) for name, path in files.items()}
+    for seed, (graph, case, sizes) in enumerate(CASES):
+        spec = specs[graph]
+        inputs = _case_inputs(spec, dims, sizes, seed)
+        got = sessions[graph].run([t.name for t in spec.outputs], {k: v.numpy() for k, v in inputs.items()})
+        want = _torch_reference(reference, dims, graph, inputs)
+        for tensor, g, w in zip(spec.outputs, got, want, strict=True):
+            expected_shape = _resolve(tensor.shape, sizes)
+            if g.shape != expected_shape:
+                raise ValidationError(f"{graph} {tensor.name} ({case}): shape {g.shape}, contract {expected_shape}")
+            result = compare(f"{graph} {tensor.name} ({case})", g, w, dtype, logits=tensor.name == "logits")
+            log(result.line())
+            comparisons.append(result)
+    raise_on_failure(comparisons)
+    return comparisons
+
+
+def raise_on_failure(comparisons: list[Comparison]) -> None:
+    failed = [c.line() for c in comparisons if not c.passed]
+    if failed:
+        raise ValidationError("outside tolerance:\n  " + "\n  ".join(failed))
+
+
+def validate_reference(
+    reference_dir: Path,
+    files: dict[str, Path],
+    specs: dict[str, GraphSpec],
+    dims: Dims,
+    dtype: str,
+    image_token_id: int,
+    log: Callable[[str], None] = print,
+) -> list[Comparison]:
+    """Run each reference case through the exported graphs the way the runtime does (embed, splice image
+    features, prefill, one token per step) and compare with transformers' tensors.
+
+    The decode loop feeds the reference's greedy tokens, so every step compares logits of identical inputs;
+    full top-1 agreement then means free-running greedy decoding reproduces the reference tokens.
+    """
+    document = json.loads((reference_dir / "reference.json").read_text())
+    sessions = {name: session(path) for name, path in files.items()}
+    comparisons: list[Comparison] = []
+    for case in document["cases"]:
+        tensors = load_file(str(reference_dir / case["tensors"]))
+        results = _run_case(sessions, specs, dims, dtype, image_token_id, tensors, case["greedy_tokens"])
+        for output, (got, want) in results.items():
+            label = f"reference {case['name']} {output}"
+            result = compare(label, got, want, dtype, logits=output == "step_logits")
+            log(result.line())
+            comparisons.append(result)
+            if dtype == "fp32" and result.top1 is not None and result.top1[0] != result.top1[1]:
+                comparisons.append(Comparison(f"{label} greedy tokens", float("inf"), FP32_ABS_TOLERANCE))
+    raise_on_failure(comparisons)
+    return comparisons
+
+
+def _run_case(
+    sessions: dict[str, ort.InferenceSession],
+    specs: dict[str, GraphSpec],
+    dims: Dims,
+    dtype: str,
+    image_token_id: int,
+    tensors: dict[str, np.ndarray],
+    tokens: list[int],
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(got, want) per compared tensor for one case."""
+    float_type = np.float16 if dtype == "fp16" else np.float32
+    input_ids = tensors["input_ids"]
+    embeds = sessions["embed"].run(None, {"input_ids": input_ids})[0]
+    results = {}
+    if "pixel_values" in tensors:
+        features = sessions["vision"].run(None, {"pixel_values": tensors["pixel_values"].astype(float_type)})[0]
+        results["image_features"] = (features, tensors["image_features"])
+        embeds[input_ids == image_token_id] = features.reshape(-1, dims.hidden_size)
+    past_inputs = [t.name for t in specs["decoder"].inputs[3:]]
+    past = [np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), float_type) for _ in past_inputs]
+    step_logits, position = [], 0
+    for step in range(len(tokens)):
+        length = embeds.shape[1]
+        feed = {
+            "inputs_embeds": embeds,
+            "attention_mask": np.ones((1, position + length), np.int64),
+            "position_ids": np.arange(position, position + length, dtype=np.int64)[None],
+            **dict(zip(past_inputs, past, strict=True)),
+        }
+        logits, *past = sessions["decoder"].run(None, feed)
+        step_logits.append(logits[0, -1])
+        position += length
+        if step + 1 < len(tokens):
+            embeds = sessions["embed"].run(None, {"input_ids": np.array([[tokens[step]]], np.int64)})[0]
+    results["step_logits"] = (np.stack(step_logits), tensors["step_logits"])
+    return results
