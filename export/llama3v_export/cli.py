@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -50,7 +51,10 @@ def export_model(
     checkpoint = load_checkpoint(checkpoint_dir)
     step(f"checkpoint {checkpoint.path}: {', '.join(p.name for p in checkpoint.weights)}")
     out.mkdir(parents=True, exist_ok=True)
+    # Results of an earlier export into the same directory must not outlive it.
     (out / "manifest.json").unlink(missing_ok=True)
+    if (out / "reference" / "reference.json").is_file():
+        shutil.rmtree(out / "reference")
     model = load_model(checkpoint.path, dtype)
     dims = dims_from_config(model.config)
     specs = graph_specs(dims, FLOAT_DTYPES[dtype])

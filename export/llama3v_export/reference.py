@@ -169,7 +169,7 @@ def write_reference(
                 "greedy_tokens": tokens,
             }
         )
-        log(f"reference case {case.name}: {tensors['input_ids'].shape[1]} prompt tokens, {len(names)} images")
+        log(f"reference case {case.name}: {tensors['input_ids'].shape[1]} prompt tokens, {len(names)} image(s)")
     document = {"format_version": 1, "cases": cases}
     (out / "reference.json").write_text(json.dumps(document, indent=2) + "\n")
     return document

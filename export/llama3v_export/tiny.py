@@ -68,7 +68,7 @@ PRESETS: dict[str, Preset] = {
     # GQA 4, head dim 16, an earlier vision layer.
     "tiny-c": Preset(128, 3, 8, 2, 256, 48, 12, 32, 3, 2, 64, -3),
     # Benchmark size: Llama-3-like decoder ratios, SigLIP-so400m's 384 px / patch 14 (729 image tokens).
-    "mid": Preset(512, 8, 8, 2, 1536, 384, 14, 384, 6, 6, 1536, -2, weight_std=0.04),
+    "mid": Preset(512, 8, 8, 2, 1536, 384, 14, 384, 6, 6, 1536, -2),
 }
 
 

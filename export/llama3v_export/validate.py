@@ -107,11 +107,12 @@ def _torch_reference(model: LlavaForConditionalGeneration, dims: Dims, graph: st
         return [out.logits.numpy(), *present]
 
 
-# (graph, case label, sizes): decoder cases cover prefill with an empty past, a single-token decode step and a
-# chunk appended to a past, the three regimes a traced graph could have specialised on.
+# (graph, case label, sizes): batch sizes differ from the traced batch (2) where one case covers a graph, and the
+# decoder cases cover prefill with an empty past, a single-token decode step and a chunk appended to a past, the
+# three regimes a traced graph could have specialised on.
 CASES = (
-    ("vision", "batch 2", {"batch": 2, "sequence": 1, "past_sequence": 0}),
-    ("embed", "B=2 S=7", {"batch": 2, "sequence": 7, "past_sequence": 0}),
+    ("vision", "batch 3", {"batch": 3, "sequence": 1, "past_sequence": 0}),
+    ("embed", "B=1 S=7", {"batch": 1, "sequence": 7, "past_sequence": 0}),
     ("decoder", "prefill P=0 S=5", {"batch": 1, "sequence": 5, "past_sequence": 0}),
     ("decoder", "decode P=5 S=1", {"batch": 1, "sequence": 1, "past_sequence": 5}),
     ("decoder", "chunk P=5 S=3, B=2 with padding", {"batch": 2, "sequence": 3, "past_sequence": 5}),
@@ -121,12 +122,12 @@ CASES = (
 def _case_inputs(spec: GraphSpec, dims: Dims, sizes: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
     inputs = dummy_inputs(spec, {**sizes, "vocab": dims.vocab_size}, seed=seed)
     if "pixel_values" in inputs:
-        # The processor's output range: rescaled to [0, 1], normalised with mean = std = 0.5.
-        inputs["pixel_values"] = (
-            torch.rand(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-        ).to(inputs["pixel_values"].dtype)
+        # The processor's output range: [0, 1] after rescaling, [-1, 1] after normalising with mean = std = 0.5.
+        pixels = inputs["pixel_values"]
+        uniform = torch.rand(pixels.shape, generator=torch.Generator().manual_seed(seed))
+        inputs["pixel_values"] = (uniform * 2 - 1).to(pixels.dtype)
     if "input_ids" in inputs:
-        # The image token and both ends of the table.
+        # Both ends of the table; the last row is the image token's.
         inputs["input_ids"][0, :3] = torch.tensor([0, dims.vocab_size - 1, dims.vocab_size - 2])
     if sizes["batch"] == 2 and "attention_mask" in inputs:
         # Left padding in the second sequence's past; its new positions keep attending to real positions.

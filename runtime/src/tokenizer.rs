@@ -258,8 +258,8 @@ mod tests {
         for (l, r) in pieces {
             let (ls, rs) = (mapped(&l, &table), mapped(&r, &table));
             let joined = format!("{ls}{rs}");
-            if !vocab.contains_key(&joined) {
-                vocab.insert(joined, next);
+            if let std::collections::hash_map::Entry::Vacant(slot) = vocab.entry(joined) {
+                slot.insert(next);
                 next += 1;
             }
             merges.push((ls, rs));
@@ -299,12 +299,8 @@ mod tests {
             let whole = tok
                 .decode(ids, skip)
                 .unwrap_or_else(|e| panic!("decode: {e}"));
+            // Equality also rules out U+FFFD from a split character: the whole text has none there.
             assert_eq!(chunks.concat(), whole, "ids {ids:?} skip {skip}");
-            // Chunks before the last only contain U+FFFD where the whole text does: a split
-            // character never shows up as U+FFFD.
-            let fffd_whole = whole.matches('\u{FFFD}').count();
-            let fffd_chunks: usize = chunks.iter().map(|c| c.matches('\u{FFFD}').count()).sum();
-            assert_eq!(fffd_chunks, fffd_whole, "ids {ids:?}");
         }
     }
 

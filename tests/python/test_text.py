@@ -13,6 +13,9 @@
 The binary is target/debug/llama3v (build it with `cargo build -p llama3v-cli`), or $LLAMA3V_BIN.
 """
 
+# The Llama-3.1 template below is transcribed verbatim, long lines included.
+# ruff: noqa: E501
+
 from __future__ import annotations
 
 import json
@@ -291,7 +294,9 @@ SPACES = [
     " ", "  ", "\t", "\n", "\r\n", "\r", "\n\n", "\r\n\r\n", " \n", "\n ", "\x0b", "\x0c", "\xa0", "\u2003",
     "\u3000", "\u2028", "\u2029", "\x85", "\x1c", "\x1d", "\x1e", "\x1f", "\u200b", "\u180e", "\ufeff", "\u202f",
 ]  # fmt: skip
-PUNCT = list(".,;:!?-_()[]{}<>/\\|@#$%^&*+=~`'\"") + ["...", "—", "–", "«", "»", "„", "“", "”", "’", "¿", "¡", "、", "。", "・"]
+PUNCT = [
+    *".,;:!?-_()[]{}<>/\\|@#$%^&*+=~`'\"", "...", "—", "–", "«", "»", "„", "“", "”", "’", "¿", "¡", "、", "。", "・",
+]  # fmt: skip
 CONTRACTIONS = [
     "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'T", "'RE", "'Ve", "'LL", "'D", "it's", "I'M", "y'all",
     "''s", "’s", "'ſ", "'K", "'ﬆ", "'İ", "'ß", "'sss", "'dd", "'",
@@ -300,7 +305,7 @@ CODE = [
     "def f(x):\n    return x ** 2\n",
     'if (a && b) { console.log("hi"); }',
     '{"key": [1, 2.5, null, true], "nested": {"a": "b"}}',
-    "<div class=\"x\">&amp;</div>",
+    '<div class="x">&amp;</div>',
     "\\frac{a}{b} + \\sum_{i=0}^{n} x_i",
     "| a | b |\n|---|---|\n| 1 | 2 |",
     "    indented\n\t\ttabbed\n",
@@ -386,7 +391,7 @@ def make_corpus() -> list[str]:
         sep = rng.choice(["", " ", "", "\n", " "])
         corpus.append(sep.join(parts))
     # Very long strings: mixed text, and long runs of one kind of character.
-    for i in range(24):
+    for _ in range(24):
         corpus.append("".join(fragment() for _ in range(rng.randint(1_000, 6_000))))
     corpus += [
         " " * 20_000,
@@ -503,10 +508,14 @@ def test_decode_split_sequences(rust_ids, tokenizer_json, hf_tok, tmp_path):
         id_lists.append(ids[start : start + rng.randint(1, 40)])
     for _ in range(2_000):
         # Byte-level tokens for bytes 0x80..0xFF are ids 0..255 region in this vocabulary; mix with any id.
-        id_lists.append([rng.choice([rng.randrange(256), rng.randrange(IMAGE_ID + 1)]) for _ in range(rng.randint(0, 30))])
+        id_lists.append(
+            [rng.choice([rng.randrange(256), rng.randrange(IMAGE_ID + 1)]) for _ in range(rng.randint(0, 30))]
+        )
     for skip in (False, True):
         mismatches = check_decoding(tokenizer_json, hf_tok, id_lists, tmp_path, skip_special=skip)
-        report(f"decode/stream vs transformers (split sequences, skip_special_tokens={skip})", mismatches, len(id_lists))
+        report(
+            f"decode/stream vs transformers (split sequences, skip_special_tokens={skip})", mismatches, len(id_lists)
+        )
         assert not mismatches
 
 
@@ -570,9 +579,17 @@ CHATS_STRING_CONTENT = [
         {"role": "user", "content": "Weather in Paris?"},
         {
             "role": "assistant",
-            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c", "days": [1, 2], "exact": 1.5}}}],  # fmt: skip
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "get_weather",
+                        "arguments": {"city": "Paris", "unit": "c", "days": [1, 2], "exact": 1.5},
+                    },
+                }
+            ],
         },
-        {"role": "tool", "content": "sunny, 25°C <b>\"hot\"</b>"},
+        {"role": "tool", "content": 'sunny, 25°C <b>"hot"</b>'},
         {"role": "ipython", "content": {"temp": 25, "sky": "clear", "note": None}},
     ],
 ]
@@ -646,6 +663,22 @@ def test_text_inputs(tokenizer_json, tmp_path):
     assert a == b == {"text": text, "ids": a["ids"]}
     plain = run_bin("--tokenizer", tokenizer_json, "--text", text).stdout
     assert plain == " ".join(map(str, a["ids"])) + "\n"
+
+
+def test_model_dir(tokenizer_json, tmp_path):
+    """--model DIR reads the tokenizer, template and special tokens from manifest.json's `text` section."""
+    (tmp_path / "tok.json").write_bytes(tokenizer_json.read_bytes())
+    text = {"tokenizer_file": "tok.json", "bos_token": BOS, "eos_token": EOT, "chat_template": LLAVA_TEMPLATE}
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "llama3v-model", "text": text}), encoding="utf-8")
+    chat = CHATS_LIST_CONTENT[0]
+    msgs = tmp_path / "m.json"
+    msgs.write_text(json.dumps(chat), encoding="utf-8")
+    got = json.loads(run_bin("--model", tmp_path, "--messages", msgs, "--json").stdout)
+    want = hf_tokenizer(tokenizer_json, LLAVA_TEMPLATE).apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert got["ids"] == list(want)
+    assert got["ids"][0] == 128000
 
 
 @pytest.mark.parametrize(
@@ -747,7 +780,10 @@ FEATURE_CHATS = [
         {"role": "assistant", "content": "ÉCOLE straße İx"},
         {"role": "user", "content": ""},
     ],
-    [{"role": "user", "content": [{"type": "text", "text": " hi "}, {"type": "image"}]}, {"role": "assistant", "content": "b"}],
+    [
+        {"role": "user", "content": [{"type": "text", "text": " hi "}, {"type": "image"}]},
+        {"role": "assistant", "content": "b"},
+    ],
 ]
 
 
@@ -763,3 +799,15 @@ def test_jinja_features_match_transformers(tiny_tokenizer_json, name, tmp_path):
             mismatches.append((out["text"], want))
     report(f"jinja feature {name}", mismatches, len(FEATURE_CHATS), show=2)
     assert not mismatches
+
+
+def test_strftime_now(tiny_tokenizer_json, tmp_path):
+    """strftime_now formats UTC (Python uses local time: identical on a UTC machine, otherwise one of the two)."""
+    from datetime import datetime, timezone
+
+    fmt = "%d %b %Y|%A %B %j %y|%-d"
+    template = "{{ strftime_now('" + fmt + "') }}"
+    before = {datetime.now(timezone.utc).strftime(fmt), datetime.now().strftime(fmt)}
+    got = render_with_rust(tiny_tokenizer_json, template, [[{"role": "user", "content": "x"}]], True, tmp_path)
+    after = {datetime.now(timezone.utc).strftime(fmt), datetime.now().strftime(fmt)}
+    assert got[0]["text"] in before | after
