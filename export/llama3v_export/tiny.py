@@ -57,7 +57,7 @@ class Preset:
     vision_num_attention_heads: int
     vision_intermediate_size: int
     vision_feature_layer: int
-    weight_std: float = 0.12
+    weight_gain: float = 1.5
 
 
 PRESETS: dict[str, Preset] = {
@@ -114,18 +114,21 @@ def llava_config(preset: Preset) -> LlavaConfig:
     )
 
 
-def randomize_(model: torch.nn.Module, std: float, seed: int) -> None:
-    """Seeded weights large enough that greedy decoding does not collapse onto one token.
+def randomize_(model: torch.nn.Module, gain: float, seed: int) -> None:
+    """Seeded weights that keep activations O(1) at every width, yet spread the logits enough that greedy
+    decoding does not collapse onto one token.
 
-    Matrices get N(0, std); norm scales 1 + N(0, 0.1) and biases N(0, 0.02), so that every parameter kind is
-    exercised by the parity checks instead of sitting at an identity value.
+    Matrices get N(0, gain^2 / fan_in), as trained models roughly have (a fixed std would make wide presets'
+    activations, and with them fp32 rounding differences, grow with the width); norm scales 1 + N(0, 0.1) and
+    biases N(0, 0.02), so that every parameter kind is exercised by the parity checks instead of sitting at an
+    identity value.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
             if param.ndim >= 2:
-                param.copy_(noise * std)
+                param.copy_(noise * (gain / param[0].numel() ** 0.5))
             elif "norm" in name and name.endswith("weight"):
                 param.copy_(1.0 + 0.1 * noise)
             else:
@@ -195,7 +198,7 @@ def make_checkpoint(preset_name: str, out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(llava_config(preset)).eval()
-    randomize_(model, preset.weight_std, seed)
+    randomize_(model, preset.weight_gain, seed)
     model.generation_config = generation_config()
     model.save_pretrained(out, safe_serialization=True)
     write_processor_files(preset, out)

@@ -241,7 +241,7 @@ fn argmax(row: &[f32]) -> Option<u32> {
 
 impl Model {
     /// Runs every reference case of the model directory and measures each stage.
-    pub fn check_reference(&mut self) -> Result<CheckReport> {
+    pub fn check_reference(&self) -> Result<CheckReport> {
         let index = load_reference(&self.dir)?;
         let tolerances = Tolerances::for_dtype(self.manifest.dtype);
         let mut cases = Vec::new();
@@ -256,7 +256,7 @@ impl Model {
         })
     }
 
-    fn check_case(&mut self, case: &ReferenceCase, tol: Tolerances) -> Result<CaseReport> {
+    fn check_case(&self, case: &ReferenceCase, tol: Tolerances) -> Result<CaseReport> {
         let reference = load_tensors(&self.dir, case)?;
         let mut measures = Vec::new();
         let compare = |stage: &str, ours: &[f32], theirs: &[f32], tolerance: f32| {

@@ -15,7 +15,7 @@ use crate::manifest::TensorDtype;
 /// Runs `embeds` (`seq` rows of `hidden`) through the decoder after the cached positions, stores the
 /// grown cache back into `cache` and the last position's logits into `logits`.
 pub fn decoder_step(
-    graph: &mut Graph,
+    graph: &Graph,
     dtype: TensorDtype,
     embeds: &[f32],
     seq: usize,
@@ -51,19 +51,12 @@ pub fn decoder_step(
         inputs.push((spec.name.as_str().into(), value.into()));
     }
 
-    let mut outputs = graph.session.run(inputs)?;
-    let mut take = |name: &str| {
-        outputs.remove(name).ok_or_else(|| crate::Error::Graph {
-            graph: "decoder".into(),
-            reason: format!("output {name:?} is missing"),
-        })
-    };
-    let logits_value = take(&graph.spec.outputs[0].name)?;
-    let presents = graph.spec.outputs[1..]
-        .iter()
-        .map(|o| take(&o.name))
-        .collect::<Result<Vec<_>>>()?;
-    read_last_row(&logits_value, logits)?;
+    let presents = graph.run(inputs, |outputs| {
+        read_last_row(&graph.take_output(outputs, 0)?, logits)?;
+        (1..graph.spec.outputs.len())
+            .map(|i| graph.take_output(outputs, i))
+            .collect::<Result<Vec<_>>>()
+    })?;
     cache.replace(presents, total);
     Ok(())
 }

@@ -58,7 +58,7 @@ fn ms_since(start: Instant) -> f64 {
 impl Model {
     /// Generates a reply; `on_text` receives each piece of text as it becomes final.
     pub fn generate(
-        &mut self,
+        &self,
         request: &Request<'_>,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {

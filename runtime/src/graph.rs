@@ -2,10 +2,11 @@
 //! that cross its boundary (float32 or float16, as the export's dtype says).
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use half::f16;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::Session;
+use ort::session::{Session, SessionInputs, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType};
 
 use crate::ep::{ProviderList, Registered};
@@ -29,10 +30,12 @@ impl Default for SessionOptions {
     }
 }
 
+/// A graph's session. ONNX Runtime's `Run` needs exclusive access through `ort`, so the session sits
+/// behind a mutex: a model is shared by reference between requests, which interleave run by run.
 pub struct Graph {
     pub name: &'static str,
     pub spec: GraphSpec,
-    pub session: Session,
+    session: Mutex<Session>,
     pub providers: Registered,
 }
 
@@ -58,62 +61,44 @@ impl Graph {
             graph: name.into(),
             reason: format!("{}: {e}", path.display()),
         })?;
-        let graph = Graph {
+        check_io(name, spec, &session)?;
+        Ok(Graph {
             name,
             spec: spec.clone(),
-            session,
+            session: Mutex::new(session),
             providers,
-        };
-        graph.check_io()?;
-        Ok(graph)
+        })
     }
 
-    /// The session's inputs and outputs must be exactly the manifest's, names and dtypes.
-    fn check_io(&self) -> Result<()> {
-        let sides = [
-            ("input", &self.spec.inputs, self.session.inputs()),
-            ("output", &self.spec.outputs, self.session.outputs()),
-        ];
-        for (side, expected, found) in sides {
-            if expected.len() != found.len() {
-                return Err(self.error(format!(
-                    "the graph has {} {side}s, the manifest lists {}",
-                    found.len(),
-                    expected.len()
-                )));
-            }
-            for spec in expected {
-                let outlet = found
-                    .iter()
-                    .find(|o| o.name() == spec.name)
-                    .ok_or_else(|| {
-                        self.error(format!("the graph has no {side} named {:?}", spec.name))
-                    })?;
-                let ty = outlet.dtype().tensor_type();
-                if ty != Some(ort_type(spec.dtype)) {
-                    return Err(self.error(format!(
-                        "{side} {:?} is {ty:?} in the graph, {} in the manifest",
-                        spec.name, spec.dtype
-                    )));
-                }
-                let rank = outlet.dtype().tensor_shape().map(|s| s.len());
-                if rank != Some(spec.shape.len()) {
-                    return Err(self.error(format!(
-                        "{side} {:?} has rank {rank:?} in the graph, {} in the manifest",
-                        spec.name,
-                        spec.shape.len()
-                    )));
-                }
-            }
-        }
-        Ok(())
+    /// Runs the session and hands its outputs to `read`, which takes what it needs out of them.
+    pub fn run<'i, 'v: 'i, const N: usize, R>(
+        &self,
+        inputs: impl Into<SessionInputs<'i, 'v, N>>,
+        read: impl FnOnce(&mut SessionOutputs<'_>) -> Result<R>,
+    ) -> Result<R> {
+        // A poisoned lock only means another request panicked mid-run; the session itself is intact.
+        let mut session = self
+            .session
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut outputs = session.run(inputs)?;
+        read(&mut outputs)
+    }
+
+    /// Takes an output out of a run's outputs by its manifest name.
+    pub fn take_output(
+        &self,
+        outputs: &mut SessionOutputs<'_>,
+        index: usize,
+    ) -> Result<ort::value::DynValue> {
+        let name = &self.spec.outputs[index].name;
+        outputs
+            .remove(name.as_str())
+            .ok_or_else(|| self.error(format!("output {name:?} is missing")))
     }
 
     pub fn error(&self, reason: String) -> Error {
-        Error::Graph {
-            graph: self.name.into(),
-            reason,
-        }
+        graph_error(self.name, reason)
     }
 
     pub fn input_name(&self, index: usize) -> &str {
@@ -137,6 +122,66 @@ impl Graph {
         let names: Vec<&str> = self.providers.active.iter().map(|p| p.name()).collect();
         format!("{}: {}", self.name, names.join(","))
     }
+}
+
+fn graph_error(name: &str, reason: String) -> Error {
+    Error::Graph {
+        graph: name.into(),
+        reason,
+    }
+}
+
+/// The session's inputs and outputs must be exactly the manifest's, names and dtypes.
+fn check_io(name: &str, spec: &GraphSpec, session: &Session) -> Result<()> {
+    let sides = [
+        ("input", &spec.inputs, session.inputs()),
+        ("output", &spec.outputs, session.outputs()),
+    ];
+    for (side, expected, found) in sides {
+        if expected.len() != found.len() {
+            return Err(graph_error(
+                name,
+                format!(
+                    "the graph has {} {side}s, the manifest lists {}",
+                    found.len(),
+                    expected.len()
+                ),
+            ));
+        }
+        for spec in expected {
+            let outlet = found
+                .iter()
+                .find(|o| o.name() == spec.name)
+                .ok_or_else(|| {
+                    graph_error(
+                        name,
+                        format!("the graph has no {side} named {:?}", spec.name),
+                    )
+                })?;
+            let ty = outlet.dtype().tensor_type();
+            if ty != Some(ort_type(spec.dtype)) {
+                return Err(graph_error(
+                    name,
+                    format!(
+                        "{side} {:?} is {ty:?} in the graph, {} in the manifest",
+                        spec.name, spec.dtype
+                    ),
+                ));
+            }
+            let rank = outlet.dtype().tensor_shape().map(|s| s.len());
+            if rank != Some(spec.shape.len()) {
+                return Err(graph_error(
+                    name,
+                    format!(
+                        "{side} {:?} has rank {rank:?} in the graph, {} in the manifest",
+                        spec.name,
+                        spec.shape.len()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn ort_type(dtype: TensorDtype) -> TensorElementType {

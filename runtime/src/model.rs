@@ -137,7 +137,7 @@ impl Model {
 
 impl Sessions {
     /// Image feature rows (`count * tokens_per_image` rows of the hidden width) for preprocessed images.
-    pub fn image_features(&mut self, pixel_values: &[f32], count: usize) -> Result<Vec<f32>> {
+    pub fn image_features(&self, pixel_values: &[f32], count: usize) -> Result<Vec<f32>> {
         let dtype = self.dtype;
         let (h, w) = (self.image.height, self.image.width);
         let expected = count * 3 * h as usize * w as usize;
@@ -147,12 +147,12 @@ impl Sessions {
                 pixel_values.len()
             )));
         }
-        encode_images(&mut self.vision, dtype, pixel_values, count, h, w)
+        encode_images(&self.vision, dtype, pixel_values, count, h, w)
     }
 
     /// Token embeddings with the image features spliced into the image-token rows.
-    pub fn prompt_embeddings(&mut self, ids: &[u32], features: &[f32]) -> Result<Vec<f32>> {
-        let mut embeds = embed_tokens(&mut self.embed, ids)?;
+    pub fn prompt_embeddings(&self, ids: &[u32], features: &[f32]) -> Result<Vec<f32>> {
+        let mut embeds = embed_tokens(&self.embed, ids)?;
         splice_image_features(
             &mut embeds,
             self.dims.hidden_size,
@@ -164,22 +164,27 @@ impl Sessions {
     }
 
     /// Runs the whole prompt through the decoder in one run; returns the cache and the last logits.
-    pub fn prefill(
-        &mut self,
-        embeds: &[f32],
-        seq: usize,
-        logits: &mut Vec<f32>,
-    ) -> Result<KvCache> {
+    pub fn prefill(&self, embeds: &[f32], seq: usize, logits: &mut Vec<f32>) -> Result<KvCache> {
         let dtype = self.dtype;
         let mut cache = KvCache::empty(&self.dims, dtype)?;
-        decoder_step(&mut self.decoder, dtype, embeds, seq, &mut cache, logits)?;
+        decoder_step(&self.decoder, dtype, embeds, seq, &mut cache, logits)?;
         Ok(cache)
     }
 
     /// Feeds one token after the cached positions; leaves its logits in `logits`.
-    pub fn step(&mut self, token: u32, cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {
+    pub fn step(&self, token: u32, cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {
         let dtype = self.dtype;
-        let embeds = embed_tokens(&mut self.embed, &[token])?;
-        decoder_step(&mut self.decoder, dtype, &embeds, 1, cache, logits)
+        let embeds = embed_tokens(&self.embed, &[token])?;
+        decoder_step(&self.decoder, dtype, &embeds, 1, cache, logits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A server shares one model between request threads.
+    #[test]
+    fn a_model_can_be_shared_between_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<super::Model>();
     }
 }

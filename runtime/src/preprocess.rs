@@ -373,8 +373,8 @@ fn clip8(acc: i32) -> u8 {
 
 /// Resizes like Pillow's `Image.resize((width, height), Image.BICUBIC)` on an RGB image.
 ///
-/// Bit-exact with Pillow's C implementation (`ImagingResample`). A zero target size gives
-/// an empty image.
+/// Bit-exact with Pillow 13's C implementation (`ImagingResampleInner`), including its
+/// choice of pass order. A zero target size gives an empty image.
 pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     let (in_w, in_h) = img.dimensions();
     if (in_w, in_h) == (width, height) {
@@ -384,57 +384,85 @@ pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
         return RgbImage::new(width, height);
     }
     let src = img.as_raw();
-    let in_stride = in_w as usize * 3;
+    let need_horizontal = in_w != width;
+    let need_vertical = in_h != height;
+    // Pillow 13 runs the vertical pass first when the height shrinks by more than twice
+    // as many pixels as the width does (Pillow <= 12 always went horizontal first). The
+    // order matters: the intermediate image is rounded to 8 bits.
+    let shrink_h = i64::from(in_h) - i64::from(height);
+    let shrink_w = i64::from(in_w) - i64::from(width);
+    let horizontal_first = !(shrink_h > 0 && shrink_h > shrink_w * 2);
 
     let vert = Taps::new(in_h, height);
-    // Only the input rows the vertical pass reads go through the horizontal pass.
-    let row_first = vert.bounds.first().map_or(0, |b| b.0);
-    let row_last = vert.bounds.last().map_or(0, |b| b.0 + b.1);
-
-    let horizontal;
-    let (mid, mid_stride, mid_offset) = if in_w != width {
-        let taps = Taps::new(in_w, width);
-        let out_stride = width as usize * 3;
-        let mut out = vec![0u8; (row_last - row_first) * out_stride];
-        for (y, out_row) in out.chunks_exact_mut(out_stride).enumerate() {
-            let row_start = (row_first + y) * in_stride;
-            let row = &src[row_start..row_start + in_stride];
-            for (xx, px) in out_row.chunks_exact_mut(3).enumerate() {
-                let (start, k) = taps.taps(xx);
-                let (mut r, mut g, mut b) = (HALF, HALF, HALF);
-                for (p, &c) in row[start * 3..].chunks_exact(3).zip(k) {
-                    r = r.wrapping_add(i32::from(p[0]).wrapping_mul(c));
-                    g = g.wrapping_add(i32::from(p[1]).wrapping_mul(c));
-                    b = b.wrapping_add(i32::from(p[2]).wrapping_mul(c));
-                }
-                px[0] = clip8(r);
-                px[1] = clip8(g);
-                px[2] = clip8(b);
+    let out = if horizontal_first {
+        if need_horizontal {
+            // Only the input rows the vertical pass reads go through the horizontal pass.
+            let row_first = vert.bounds.first().map_or(0, |b| b.0);
+            let row_last = vert.bounds.last().map_or(0, |b| b.0 + b.1);
+            let stride = in_w as usize * 3;
+            let rows = &src[row_first * stride..row_last * stride];
+            let mid = horizontal_pass(rows, in_w, &Taps::new(in_w, width));
+            if need_vertical {
+                vertical_pass(&mid, width, row_first, &vert)
+            } else {
+                mid
             }
+        } else {
+            vertical_pass(src, in_w, 0, &vert)
         }
-        horizontal = out;
-        (&horizontal[..], out_stride, row_first)
     } else {
-        (&src[..], in_stride, 0)
+        let mid = vertical_pass(src, in_w, 0, &vert);
+        if need_horizontal {
+            horizontal_pass(&mid, in_w, &Taps::new(in_w, width))
+        } else {
+            mid
+        }
     };
+    RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
+}
 
-    if in_h == height {
-        // Only the horizontal pass ran; it covered every row.
-        return RgbImage::from_raw(width, height, mid.to_vec())
-            .unwrap_or_else(|| RgbImage::new(width, height));
+/// Resamples every row of `src` (rows of `in_w` RGB pixels) to `taps.bounds.len()` pixels.
+fn horizontal_pass(src: &[u8], in_w: u32, taps: &Taps) -> Vec<u8> {
+    let in_stride = in_w as usize * 3;
+    let out_stride = taps.bounds.len() * 3;
+    if in_stride == 0 {
+        return Vec::new();
     }
+    let mut out = vec![0u8; src.len() / in_stride * out_stride];
+    for (row, out_row) in src
+        .chunks_exact(in_stride)
+        .zip(out.chunks_exact_mut(out_stride))
+    {
+        for (xx, px) in out_row.chunks_exact_mut(3).enumerate() {
+            let (start, k) = taps.taps(xx);
+            let (mut r, mut g, mut b) = (HALF, HALF, HALF);
+            for (p, &c) in row[start * 3..].chunks_exact(3).zip(k) {
+                r = r.wrapping_add(i32::from(p[0]).wrapping_mul(c));
+                g = g.wrapping_add(i32::from(p[1]).wrapping_mul(c));
+                b = b.wrapping_add(i32::from(p[2]).wrapping_mul(c));
+            }
+            px[0] = clip8(r);
+            px[1] = clip8(g);
+            px[2] = clip8(b);
+        }
+    }
+    out
+}
 
-    let out_stride = width as usize * 3;
-    let mut out = vec![0u8; height as usize * out_stride];
-    // Summing whole rows (instead of one column at a time, as Pillow does) touches memory
+/// Resamples the columns of `src` (rows of `width` RGB pixels, the first of which is input
+/// row `row_offset`) to `taps.bounds.len()` rows.
+fn vertical_pass(src: &[u8], width: u32, row_offset: usize, taps: &Taps) -> Vec<u8> {
+    let stride = width as usize * 3;
+    let mut out = vec![0u8; taps.bounds.len() * stride];
+    // Summing whole rows (instead of one column at a time, as Pillow does) reads memory
     // in order; integer addition makes the result identical.
-    let mut acc = vec![0i32; out_stride];
-    for (yy, out_row) in out.chunks_exact_mut(out_stride).enumerate() {
-        let (start, k) = vert.taps(yy);
+    let mut acc = vec![0i32; stride];
+    for (yy, out_row) in out.chunks_exact_mut(stride.max(1)).enumerate() {
+        let (start, k) = taps.taps(yy);
         acc.fill(HALF);
         for (y, &c) in k.iter().enumerate() {
-            let row_start = (start + y - mid_offset) * mid_stride;
-            let row = &mid[row_start..row_start + out_stride];
+            let row_start = (start + y - row_offset) * stride;
+            let row = &src[row_start..row_start + stride];
             for (a, &p) in acc.iter_mut().zip(row) {
                 *a = a.wrapping_add(i32::from(p).wrapping_mul(c));
             }
@@ -443,7 +471,7 @@ pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
             *o = clip8(a);
         }
     }
-    RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
+    out
 }
 
 /// The `f64` rescale factor transformers would use for a config value stored as `f32`.

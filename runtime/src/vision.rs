@@ -7,7 +7,7 @@ use crate::manifest::TensorDtype;
 /// Encodes `count` preprocessed images (CHW, concatenated) of `height` x `width` into feature rows,
 /// returned as one `[count * N_img, D]` block of f32.
 pub fn encode_images(
-    graph: &mut Graph,
+    graph: &Graph,
     dtype: TensorDtype,
     pixel_values: &[f32],
     count: usize,
@@ -20,13 +20,9 @@ pub fn encode_images(
     }
     let shape = vec![count as i64, 3, height as i64, width as i64];
     let input = float_tensor(dtype, shape, pixel_values)?;
-    let name = graph.spec.inputs[0].name.as_str();
-    let outputs = graph.session.run(vec![(name, input)])?;
-    let out_name = graph.spec.outputs[0].name.as_str();
-    let value = outputs.get(out_name).ok_or_else(|| crate::Error::Graph {
-        graph: "vision".into(),
-        reason: format!("output {out_name:?} is missing"),
+    let inputs = vec![(graph.input_name(0), input)];
+    graph.run(inputs, |outputs| {
+        read_floats(&graph.take_output(outputs, 0)?, &mut features)
     })?;
-    read_floats(value, &mut features)?;
     Ok(features)
 }
