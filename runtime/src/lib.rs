@@ -15,6 +15,7 @@ pub mod graph;
 pub mod kv_cache;
 pub mod manifest;
 pub mod model;
+pub mod onnx_file;
 pub mod ort_env;
 pub mod preprocess;
 pub mod sampling;

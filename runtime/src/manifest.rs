@@ -11,11 +11,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::onnx_file;
 use crate::preprocess::PreprocessConfig;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const FORMAT: &str = "llama3v-model";
 pub const FORMAT_VERSION: u32 = 1;
+/// Largest image height or width a manifest may ask preprocessing for.
+pub const MAX_IMAGE_SIDE: u32 = 8192;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
@@ -62,6 +65,16 @@ pub struct Graphs {
     pub vision: GraphSpec,
     pub embed: GraphSpec,
     pub decoder: GraphSpec,
+}
+
+impl Graphs {
+    pub fn named(&self) -> [(&'static str, &GraphSpec); 3] {
+        [
+            ("vision", &self.vision),
+            ("embed", &self.embed),
+            ("decoder", &self.decoder),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -197,14 +210,16 @@ impl Manifest {
         }
         let path = dir.join(MANIFEST_FILE);
         let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| Error::Manifest {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        manifest
-            .validate()
-            .map_err(|reason| Error::Manifest { path, reason })?;
+        let manifest = Manifest::parse(&text).map_err(|reason| Error::Manifest { path, reason })?;
         manifest.check_files(dir, options)?;
+        Ok(manifest)
+    }
+
+    /// Parses manifest JSON and checks it against itself (no files are read): the part of
+    /// [`Manifest::load`] that untrusted text alone reaches, and what the manifest fuzz target drives.
+    pub fn parse(text: &str) -> std::result::Result<Manifest, String> {
+        let manifest: Manifest = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        manifest.validate()?;
         Ok(manifest)
     }
 
@@ -252,6 +267,95 @@ impl Manifest {
         if self.text.stop_token_ids.is_empty() {
             return Err("text.stop_token_ids is empty".into());
         }
+        if m.hidden_size == 0 || m.num_attention_heads == 0 || m.max_context == 0 {
+            return Err("model dims must be positive".into());
+        }
+        // Preprocessing allocates 3 x height x width floats per image from these numbers.
+        if img.height > MAX_IMAGE_SIDE || img.width > MAX_IMAGE_SIDE {
+            return Err(format!(
+                "image size {}x{} is over the limit of {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}",
+                img.width, img.height
+            ));
+        }
+        if img.tokens_per_image >= m.max_context {
+            return Err(format!(
+                "tokens_per_image {} does not fit in max_context {}",
+                img.tokens_per_image, m.max_context
+            ));
+        }
+        self.validate_shapes()
+    }
+
+    /// The fixed dims of the graphs' tensors must agree with the model and image settings (symbolic
+    /// dims are free); a mismatch would otherwise surface as a shape error deep inside a run.
+    fn validate_shapes(&self) -> std::result::Result<(), String> {
+        let m = &self.model;
+        let img = &self.image;
+        let g = &self.graphs;
+        let fixed = |n: usize| Some(n as i64);
+        let h = Some(i64::from(img.height));
+        let w = Some(i64::from(img.width));
+        let mut expected: Vec<(&str, &TensorSpec, Vec<Option<i64>>)> = vec![
+            ("vision", &g.vision.inputs[0], vec![None, Some(3), h, w]),
+            (
+                "vision",
+                &g.vision.outputs[0],
+                vec![None, fixed(img.tokens_per_image), fixed(m.hidden_size)],
+            ),
+            ("embed", &g.embed.inputs[0], vec![None, None]),
+            (
+                "embed",
+                &g.embed.outputs[0],
+                vec![None, None, fixed(m.hidden_size)],
+            ),
+            (
+                "decoder",
+                &g.decoder.inputs[0],
+                vec![None, None, fixed(m.hidden_size)],
+            ),
+            ("decoder", &g.decoder.inputs[1], vec![None, None]),
+            ("decoder", &g.decoder.inputs[2], vec![None, None]),
+            (
+                "decoder",
+                &g.decoder.outputs[0],
+                vec![None, None, fixed(m.vocab_size)],
+            ),
+        ];
+        let kv = vec![None, fixed(m.num_kv_heads), None, fixed(m.head_dim)];
+        for spec in g.decoder.inputs[3..].iter().chain(&g.decoder.outputs[1..]) {
+            expected.push(("decoder", spec, kv.clone()));
+        }
+        for (graph, spec, dims) in expected {
+            let shape: Vec<String> = spec.shape.iter().map(|d| d.to_string()).collect();
+            if spec.shape.len() != dims.len() {
+                return Err(format!(
+                    "graph {graph} {:?} has shape [{}], expected rank {}",
+                    spec.name,
+                    shape.join(", "),
+                    dims.len()
+                ));
+            }
+            for (axis, (dim, want)) in spec.shape.iter().zip(&dims).enumerate() {
+                if let (Dim::Fixed(found), Some(want)) = (dim, want) {
+                    if found != want {
+                        return Err(format!(
+                            "graph {graph} {:?} has shape [{}]: dim {axis} is {found}, the model settings say {want}",
+                            spec.name,
+                            shape.join(", ")
+                        ));
+                    }
+                }
+                if let Dim::Fixed(found) = dim {
+                    if *found <= 0 {
+                        return Err(format!(
+                            "graph {graph} {:?} has shape [{}]: dim {axis} must be positive",
+                            spec.name,
+                            shape.join(", ")
+                        ));
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -269,6 +373,11 @@ impl Manifest {
                 files.push((&ext.file, Some(&ext.sha256)));
             }
         }
+        let model_error = |reason: String| Error::Model {
+            dir: dir.to_path_buf(),
+            reason,
+        };
+        let canonical_dir = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
         for (name, digest) in files {
             let path = resolve_inside(dir, name)?;
             if !path.is_file() {
@@ -277,6 +386,8 @@ impl Manifest {
                     reason: format!("{name} is missing"),
                 });
             }
+            // A symlink or hard link inside the directory could still name a file outside it.
+            onnx_file::check_plain_file(&canonical_dir, &path).map_err(model_error)?;
             if let (true, Some(expected)) = (options.verify_hashes, digest) {
                 let found = sha256_file(&path)?;
                 if !found.eq_ignore_ascii_case(expected) {
@@ -286,6 +397,20 @@ impl Manifest {
                     });
                 }
             }
+        }
+        // Before any session exists: external-data references, then declared inputs and outputs.
+        for (name, graph) in self.graphs.named() {
+            let path = resolve_inside(dir, &graph.file)?;
+            let listed: Vec<&str> = graph
+                .external_data
+                .iter()
+                .map(|f| f.file.as_str())
+                .collect();
+            let info = onnx_file::check_graph_file(dir, &path, &listed).map_err(model_error)?;
+            onnx_file::check_graph_io(graph, &info).map_err(|reason| Error::Graph {
+                graph: name.into(),
+                reason: format!("{}: {reason}", graph.file),
+            })?;
         }
         Ok(())
     }
