@@ -1,9 +1,12 @@
 //! `llama3v`: generate, check against the reference, inspect, tokenize and preprocess.
 
+mod bench_cmd;
 mod check_cmd;
 mod generate_cmd;
 mod inspect_cmd;
 mod model_args;
+mod preprocess_cmd;
+mod serve;
 mod tokenize_cmd;
 
 use std::process::ExitCode;
@@ -31,6 +34,12 @@ enum Command {
     Inspect(inspect_cmd::InspectArgs),
     /// Tokenize text or render and tokenize a chat (no graphs are loaded).
     Tokenize(tokenize_cmd::TokenizeArgs),
+    /// Write one image's pixel_values (.npy) as the vision graph would receive them.
+    Preprocess(preprocess_cmd::PreprocessArgs),
+    /// Measure vision, prefill, time to first token, decode speed and memory on synthetic input.
+    Bench(bench_cmd::BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat completions with images, streaming).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,7 +48,10 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Check(args) => check_cmd::run(args),
         Command::Inspect(args) => inspect_cmd::run(args),
+        Command::Bench(args) => bench_cmd::run(args),
         Command::Tokenize(args) => tokenize_cmd::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Preprocess(args) => preprocess_cmd::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,36 +1,47 @@
 //! Image preprocessing for the vision tower: decode, convert to RGB, resize, rescale, normalize.
 //!
-//! The reference is transformers' `SiglipImageProcessorPil` fed an image opened with
-//! `PIL.Image.open(path)`, which is how the exporter computes reference `pixel_values`.
-//! Every step reproduces what that path does, bit for bit where Pillow is deterministic:
+//! The reference is transformers' `SiglipImageProcessorPil` (PIL backend, Pillow 13) given
+//! the image as `PIL.Image.open(path)`. Every step reproduces that path bit for bit:
 //!
 //! * **Conversion to RGB** follows `transformers.image_transforms.convert_to_rgb` on a PIL
 //!   image: an image with an alpha band or a `transparency` entry is converted to RGBA and
 //!   alpha-composited over opaque white with Pillow's integer `alpha_composite`; anything
-//!   else goes through `convert("RGB")`. Pillow's decoders shape the input to that step,
-//!   and they are matched too: 16-bit RGB(A) and grey+alpha PNGs keep the high byte of
-//!   each sample, while a 16-bit greyscale PNG (Pillow mode `I;16`) is *clipped* to 255,
-//!   not scaled, because that is what Pillow's `I;16 -> RGB` conversion does. CMYK JPEGs
-//!   are treated as Adobe-inverted, as Pillow does.
+//!   else goes through `convert("RGB")`. What Pillow's decoders hand to that step is matched
+//!   too: 16-bit RGB(A) and grey+alpha PNGs keep the high byte of each sample, while a
+//!   16-bit greyscale PNG (Pillow mode `I;16`) is *clipped* to 255, not scaled, because that
+//!   is what Pillow's `I;16 -> RGB` conversion does. CMYK JPEGs are read as Adobe-inverted
+//!   and converted with Pillow's `cmyk2rgb`.
 //! * **EXIF orientation is not applied.** `Image.open` does not rotate and neither does the
 //!   processor, so a photo whose EXIF says "rotate 90°" reaches the model unrotated. We do
 //!   the same so that the runtime sees exactly what the reference model saw.
-//!   (transformers' own `load_image(path_string)` would rotate and would drop alpha without
-//!   compositing; the reference does not go through it.)
-//! * **Resize** is Pillow's `Image.resize(size, BICUBIC)` with `reducing_gap=None`: the
-//!   separable two-pass convolution of `libImaging/Resample.c` (horizontal pass first, over
-//!   only the rows the vertical pass needs), bicubic `a = -0.5`, support widened by the
-//!   downscale factor, coefficients normalized in `f64` and then rounded to 22-bit fixed
-//!   point, 32-bit integer accumulation with a rounding bias, clipping to 0..=255 after
-//!   each pass. Same size in, same size out is a copy.
+//!   (transformers' `load_image(path_string)` would rotate, and would drop alpha instead of
+//!   compositing it; the reference does not go through it.)
+//! * **Resize** is Pillow's `Image.resize(size, BICUBIC)` with `reducing_gap=None` (no
+//!   `reduce` step): the separable two-pass convolution of `libImaging/Resample.c`, bicubic
+//!   `a = -0.5`, support widened by the downscale factor, coefficients normalized in `f64`
+//!   and rounded to 22-bit fixed point, 32-bit integer sums with a rounding bias, clipping
+//!   to 0..=255 after each pass. The horizontal pass runs first, over only the rows the
+//!   vertical pass reads, unless the height shrinks by more than twice as many pixels as
+//!   the width (then vertical first, as Pillow 13 does). A same-size resize is a copy.
 //! * **Rescale** is `(x as f64 * rescale_factor) as f32` (transformers upcasts to float64,
 //!   multiplies, then downcasts); **normalize** is `(x - mean) / std` in `f32`.
 //!
-//! Decoding itself uses the `image` crate. PNG, GIF, BMP and lossless WebP decode to the
-//! same samples as Pillow; JPEG (zune-jpeg vs libjpeg-turbo) and lossy WebP (image-webp vs
-//! libwebp) may differ by one level in a few pixels before resizing.
+//! JPEG is decoded with libjpeg-turbo's decoder (as vendored by MozJPEG, no SIMD), the
+//! decoder Pillow wraps, so IDCT, chroma upsampling and colour conversion match exactly;
+//! the pure-Rust JPEG decoders differ from it by up to 4 levels in 5-20% of the pixels.
+//! Like Pillow, a JPEG that ends before its image does is an error; other libjpeg warnings
+//! are not. PNG, GIF, BMP and WebP (lossy included) go through the `image` crate, whose
+//! output matches Pillow's on every case in `tests/python/test_preprocess.py`.
+//!
+//! Known differences from the reference: Pillow 12 and older always resize horizontally
+//! first, so against references made with them, images whose height shrinks much more than
+//! their width differ by one level in some pixels; a 16-bit greyscale PNG whose tRNS value
+//! is 255 or more gets different transparent pixels (Pillow compares after clipping); and
+//! damaged files that one decoder repairs and the other rejects.
 
-use std::io::Cursor;
+use std::any::Any;
+use std::cell::Cell;
+use std::io::{BufRead, Cursor, Read};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
@@ -76,7 +87,8 @@ impl PreprocessConfig {
 pub struct DecodeLimits {
     pub max_width: u32,
     pub max_height: u32,
-    /// Cap on the decoded buffer plus the RGB copy made from it; also caps the file size.
+    /// Cap on what a decode holds at once (decoded pixels, the RGB copy, a progressive
+    /// JPEG's coefficients), checked from the header before decoding; also caps file size.
     pub max_alloc_bytes: u64,
 }
 
@@ -139,11 +151,191 @@ pub fn decode_image(bytes: &[u8], source_name: &str, limits: &DecodeLimits) -> R
     }
 
     // Decoders are the code most exposed to hostile input; a bug in one must become an
-    // error for this image, not take the process down.
-    let decoded = catch_unwind(AssertUnwindSafe(|| decode_dynamic(bytes, format, limits)))
-        .map_err(|_| image_error(source_name, "the image decoder panicked on this input"))?;
-    let img = decoded.map_err(|reason| image_error(source_name, reason))?;
-    Ok(to_rgb_like_pillow(img))
+    // error for this image, not take the process down. libjpeg reports fatal errors by
+    // unwinding too, with the message as payload.
+    let decoded = catch_unwind(AssertUnwindSafe(|| {
+        if format == ImageFormat::Jpeg {
+            decode_jpeg(bytes, limits)
+        } else {
+            let grey_png = format == ImageFormat::Png && png_color_type(bytes) == Some(0);
+            decode_dynamic(bytes, format, limits).map(|img| to_rgb_like_pillow(img, grey_png))
+        }
+    }))
+    .unwrap_or_else(|payload| Err(unwind_reason(payload)));
+    decoded.map_err(|reason| image_error(source_name, reason))
+}
+
+fn unwind_reason(payload: Box<dyn Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else {
+        "the image decoder failed on this input".to_string()
+    }
+}
+
+/// Checks a decode of `width x height` against the limits; `bytes_per_pixel` counts every
+/// buffer the decode holds at once, the RGB result included.
+fn check_size(
+    width: u64,
+    height: u64,
+    bytes_per_pixel: u64,
+    limits: &DecodeLimits,
+) -> std::result::Result<(), String> {
+    if width == 0 || height == 0 {
+        return Err(format!("image has zero size ({width}x{height})"));
+    }
+    if width > u64::from(limits.max_width) || height > u64::from(limits.max_height) {
+        return Err(format!(
+            "image is {width}x{height}, larger than the limit of {}x{}",
+            limits.max_width, limits.max_height
+        ));
+    }
+    let needed = width.saturating_mul(height).saturating_mul(bytes_per_pixel);
+    if needed > limits.max_alloc_bytes {
+        return Err(format!(
+            "decoding this {width}x{height} image needs about {needed} bytes, more than the \
+             limit of {}",
+            limits.max_alloc_bytes
+        ));
+    }
+    Ok(())
+}
+
+/// A byte slice reader that remembers whether libjpeg asked for data past its end, which
+/// is how a truncated file shows (libjpeg itself only warns and pads with an EOI marker).
+struct WatchEof<'a> {
+    data: &'a [u8],
+    hit_eof: &'a Cell<bool>,
+}
+
+impl Read for WatchEof<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.data.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.hit_eof.set(true);
+        }
+        Ok(n)
+    }
+}
+
+impl BufRead for WatchEof<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.data.is_empty() {
+            self.hit_eof.set(true);
+        }
+        Ok(self.data)
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.data = &self.data[amt.min(self.data.len())..];
+    }
+}
+
+/// Whether the frame header (SOFn) says progressive, whose decode keeps every DCT
+/// coefficient in memory. Unknown layouts count as progressive, the costlier case.
+fn jpeg_is_progressive(bytes: &[u8]) -> bool {
+    let mut i = 2;
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xFF {
+            return true;
+        }
+        let marker = bytes[i + 1];
+        if marker == 0xFF {
+            i += 1; // fill byte
+            continue;
+        }
+        match marker {
+            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => {
+                return matches!(marker, 0xC2 | 0xC6 | 0xCA | 0xCE);
+            }
+            0xD0..=0xD9 | 0x01 => i += 2,
+            _ => i += 2 + usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]])),
+        }
+    }
+    true
+}
+
+/// Pillow's `MULDIV255`: `a * b / 255`, rounded.
+#[inline]
+fn muldiv255(a: i32, b: i32) -> i32 {
+    let t = a * b + 128;
+    ((t >> 8) + t) >> 8
+}
+
+/// One pixel of libjpeg's CMYK output as Pillow turns it into RGB: the "CMYK;I" unpacker
+/// inverts each sample (Adobe files store them inverted), then `cmyk2rgb` computes
+/// `(255 - k) - c * (255 - k) / 255` per channel.
+#[inline]
+fn adobe_cmyk_to_rgb(px: &[u8]) -> [u8; 3] {
+    let nk = i32::from(px[3]);
+    let channel = |v: u8| (nk - muldiv255(255 - i32::from(v), nk)).clamp(0, 255) as u8;
+    [channel(px[0]), channel(px[1]), channel(px[2])]
+}
+
+fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<RgbImage, String> {
+    use mozjpeg::ColorSpace;
+
+    let hit_eof = Cell::new(false);
+    let reader = WatchEof {
+        data: bytes,
+        hit_eof: &hit_eof,
+    };
+    let jpeg_error = |e: std::io::Error| format!("corrupt JPEG data: {e}");
+    let decompress = mozjpeg::Decompress::builder()
+        .from_reader(reader)
+        .map_err(jpeg_error)?;
+    let (width, height) = decompress.size();
+    let components = decompress.components().len() as u64;
+    let cmyk = matches!(
+        decompress.color_space(),
+        ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK
+    );
+    let coefficients = if jpeg_is_progressive(bytes) {
+        2 * components
+    } else {
+        0
+    };
+    let decoded = if cmyk { 4 } else { 3 };
+    check_size(
+        width as u64,
+        height as u64,
+        decoded + 3 + coefficients,
+        limits,
+    )?;
+    if !matches!(components, 1 | 3 | 4) {
+        // Pillow has no mode for other layer counts either.
+        return Err(format!(
+            "JPEG with {components} components is not supported"
+        ));
+    }
+
+    // Pillow asks libjpeg for RGB (or grey, replicated by `convert`), and for CMYK from
+    // 4-component files, which it then reads as Adobe-inverted and converts itself.
+    let target = if cmyk {
+        ColorSpace::JCS_CMYK
+    } else {
+        ColorSpace::JCS_RGB
+    };
+    let mut started = decompress.to_colorspace(target).map_err(jpeg_error)?;
+    let pixels = started.read_scanlines::<u8>().map_err(jpeg_error)?;
+    started.finish().map_err(jpeg_error)?;
+    if hit_eof.get() {
+        return Err("truncated JPEG data: the file ends before the image does".to_string());
+    }
+
+    let rgb = if cmyk {
+        let mut rgb = Vec::with_capacity(pixels.len() / 4 * 3);
+        for px in pixels.chunks_exact(4) {
+            rgb.extend_from_slice(&adobe_cmyk_to_rgb(px));
+        }
+        rgb
+    } else {
+        pixels
+    };
+    let (w, h) = (width as u32, height as u32);
+    RgbImage::from_raw(w, h, rgb).ok_or_else(|| "JPEG decoder returned a short image".to_string())
 }
 
 fn decode_dynamic(
@@ -161,23 +353,14 @@ fn decode_dynamic(
     // Reading only the header here lets a size-bomb fail before any pixel buffer exists.
     let decoder = reader.into_decoder().map_err(|e| describe(e, limits))?;
     let (width, height) = decoder.dimensions();
-    if width == 0 || height == 0 {
-        return Err(format!("image has zero size ({width}x{height})"));
-    }
-    if width > limits.max_width || height > limits.max_height {
-        return Err(format!(
-            "image is {width}x{height}, larger than the limit of {}x{}",
-            limits.max_width, limits.max_height
-        ));
-    }
-    let rgb_bytes = u64::from(width) * u64::from(height) * 3;
-    let needed = decoder.total_bytes().saturating_add(rgb_bytes);
-    if needed > limits.max_alloc_bytes {
-        return Err(format!(
-            "decoding this {width}x{height} image needs {needed} bytes, more than the limit of {}",
-            limits.max_alloc_bytes
-        ));
-    }
+    let pixels = u64::from(width) * u64::from(height);
+    let decoded_per_pixel = decoder.total_bytes().div_ceil(pixels.max(1));
+    check_size(
+        u64::from(width),
+        u64::from(height),
+        decoded_per_pixel + 3,
+        limits,
+    )?;
     DynamicImage::from_decoder(decoder).map_err(|e| describe(e, limits))
 }
 
@@ -241,7 +424,18 @@ fn map_pixels<P, const N: usize>(
     RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
 }
 
-fn to_rgb_like_pillow(img: DynamicImage) -> RgbImage {
+/// The colour type in a PNG's IHDR (0 grey, 2 RGB, 3 palette, 4 grey+alpha, 6 RGBA).
+fn png_color_type(bytes: &[u8]) -> Option<u8> {
+    if bytes.get(12..16)? == b"IHDR" {
+        bytes.get(25).copied()
+    } else {
+        None
+    }
+}
+
+/// `grey_png`: the image is a greyscale PNG, whose transparency (tRNS) the decoder turned
+/// into an alpha channel; Pillow keeps such a 16-bit image as `I;16`, not as grey+alpha.
+fn to_rgb_like_pillow(img: DynamicImage, grey_png: bool) -> RgbImage {
     let (w, h) = (img.width(), img.height());
     match img {
         DynamicImage::ImageRgb8(rgb) => rgb,
@@ -258,6 +452,14 @@ fn to_rgb_like_pillow(img: DynamicImage) -> RgbImage {
         }),
         DynamicImage::ImageLuma16(l) => {
             map_pixels::<u16, 1>(w, h, l.as_raw(), |p| [clip16(p[0]); 3])
+        }
+        // Pillow's `I;16 -> RGBA` with a transparent value clips like `I;16 -> RGB`; the
+        // pixels equal to the tRNS value become transparent (the same pixels, as long as
+        // that value is below 255).
+        DynamicImage::ImageLumaA16(la) if grey_png => {
+            map_pixels::<u16, 2>(w, h, la.as_raw(), |p| {
+                [if p[1] == 0 { 255 } else { clip16(p[0]) }; 3]
+            })
         }
         DynamicImage::ImageLumaA16(la) => map_pixels::<u16, 2>(w, h, la.as_raw(), |p| {
             [over_white(high_byte(p[0]), high_byte(p[1])); 3]
@@ -374,13 +576,15 @@ fn clip8(acc: i32) -> u8 {
 /// Resizes like Pillow's `Image.resize((width, height), Image.BICUBIC)` on an RGB image.
 ///
 /// Bit-exact with Pillow 13's C implementation (`ImagingResampleInner`), including its
-/// choice of pass order. A zero target size gives an empty image.
+/// choice of pass order. A zero target size gives an empty image, an empty source a black
+/// one.
 pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     let (in_w, in_h) = img.dimensions();
     if (in_w, in_h) == (width, height) {
         return img.clone();
     }
-    if width == 0 || height == 0 {
+    if width == 0 || height == 0 || in_w == 0 || in_h == 0 {
+        // Nothing to sample from (or nothing to fill); decoded images are never empty.
         return RgbImage::new(width, height);
     }
     let src = img.as_raw();
@@ -572,8 +776,10 @@ mod tests {
     #[test]
     fn zero_target_is_empty_and_zero_source_does_not_panic() {
         assert_eq!(resize_bicubic(&gradient(4, 4), 0, 3).dimensions(), (0, 3));
-        let out = resize_bicubic(&RgbImage::new(0, 0), 2, 2);
-        assert_eq!(out.dimensions(), (2, 2));
+        for (w, h) in [(0, 0), (0, 5), (5, 0)] {
+            let out = resize_bicubic(&RgbImage::new(w, h), 2, 3);
+            assert_eq!(out.dimensions(), (2, 3));
+        }
     }
 
     #[test]
@@ -624,6 +830,8 @@ mod tests {
         let rgb = decode_image(&png, "g16.png", &DecodeLimits::default()).unwrap();
         let got: Vec<u8> = rgb.pixels().map(|p| p[0]).collect();
         assert_eq!(got, [7, 255, 255]);
+        assert_eq!(png_color_type(&png), Some(0));
+        assert_eq!(png_color_type(b"GIF89a"), None);
     }
 
     #[test]
@@ -677,6 +885,83 @@ mod tests {
             *b ^= 0x5a;
         }
         assert!(decode_image(&corrupt, "bad.png", &limits).is_err());
+    }
+
+    fn encode_jpeg(img: &RgbImage, quality: u8) -> Vec<u8> {
+        let mut buf = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality)
+            .write_image(
+                img.as_raw(),
+                img.width(),
+                img.height(),
+                image::ExtendedColorType::Rgb8,
+            )
+            .unwrap();
+        buf
+    }
+
+    #[test]
+    fn decodes_jpeg_and_rejects_a_truncated_one() {
+        let img = RgbImage::from_pixel(40, 24, Rgb([200, 40, 90]));
+        let jpeg = encode_jpeg(&img, 95);
+        let limits = DecodeLimits::default();
+        let rgb = decode_image(&jpeg, "flat.jpg", &limits).unwrap();
+        assert_eq!(rgb.dimensions(), (40, 24));
+        for p in rgb.pixels() {
+            for (got, want) in p.0.iter().zip([200u8, 40, 90]) {
+                assert!(got.abs_diff(want) <= 3, "{p:?}");
+            }
+        }
+        let busy = encode_jpeg(&gradient(64, 48), 95);
+        let err = decode_image(&busy[..busy.len() * 2 / 3], "cut.jpg", &limits)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cut.jpg") && err.contains("truncated"),
+            "{err}"
+        );
+        let err = decode_image(&jpeg[..300], "header.jpg", &limits)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("header.jpg"), "{err}");
+    }
+
+    #[test]
+    fn jpeg_size_limits_apply_before_decoding() {
+        let jpeg = encode_jpeg(&gradient(64, 48), 90);
+        let tight = DecodeLimits {
+            max_width: 32,
+            ..DecodeLimits::default()
+        };
+        let err = decode_image(&jpeg, "wide.jpg", &tight)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("64x48") && err.contains("limit"), "{err}");
+    }
+
+    #[test]
+    fn adobe_cmyk_follows_pillow() {
+        // Stored inverted: 255 is "no ink".
+        assert_eq!(adobe_cmyk_to_rgb(&[255, 255, 255, 255]), [255, 255, 255]);
+        assert_eq!(adobe_cmyk_to_rgb(&[0, 0, 0, 255]), [0, 0, 0]);
+        assert_eq!(adobe_cmyk_to_rgb(&[255, 128, 0, 0]), [0, 0, 0]);
+        // Pillow: Image.frombytes("CMYK", (1, 1), bytes([127, 0, 255, 55])).convert("RGB")
+        // == (100, 200, 0); those are the inverted samples of [128, 255, 0, 200].
+        assert_eq!(adobe_cmyk_to_rgb(&[128, 255, 0, 200]), [100, 200, 0]);
+    }
+
+    #[test]
+    fn progressive_flag_from_the_frame_header() {
+        let baseline = encode_jpeg(&gradient(8, 8), 90);
+        assert!(!jpeg_is_progressive(&baseline));
+        let mut progressive = baseline.clone();
+        let sof = progressive
+            .windows(2)
+            .position(|w| w == [0xFF, 0xC0])
+            .unwrap();
+        progressive[sof + 1] = 0xC2;
+        assert!(jpeg_is_progressive(&progressive));
+        assert!(jpeg_is_progressive(b"\xFF\xD8garbage"));
     }
 
     #[test]

@@ -60,7 +60,11 @@ def levels(values: np.ndarray) -> np.ndarray:
 
 
 def png_bytes(
-    arr: np.ndarray, color_type: int, bit_depth: int, extra_chunks: bytes = b"", claimed_size: tuple[int, int] | None = None
+    arr: np.ndarray,
+    color_type: int,
+    bit_depth: int,
+    extra_chunks: bytes = b"",
+    claimed_size: tuple[int, int] | None = None,
 ) -> bytes:
     """A PNG Pillow cannot write (16-bit colour, low bit depths, tRNS on grey/RGB, lying header)."""
 
@@ -73,7 +77,10 @@ def png_bytes(
     elif bit_depth == 8:
         rows = [arr[y].astype(np.uint8).tobytes() for y in range(h)]
     else:
-        rows = [np.packbits(np.unpackbits(arr[y].astype(np.uint8)[:, None], axis=1)[:, -bit_depth:]).tobytes() for y in range(h)]
+        rows = [
+            np.packbits(np.unpackbits(arr[y].astype(np.uint8)[:, None], axis=1)[:, -bit_depth:]).tobytes()
+            for y in range(h)
+        ]
     raw = b"".join(b"\x00" + r for r in rows)
     cw, ch = claimed_size or (w, h)
     ihdr = struct.pack(">IIBBBBB", cw, ch, bit_depth, color_type, 0, 0, 0)
@@ -147,9 +154,12 @@ def build_cases() -> dict[str, bytes]:
     cases["coffee_444.jpg"] = pil_save(Image.fromarray(coffee), "JPEG", quality=92, subsampling=0)
     cases["rocket_422.jpg"] = pil_save(Image.fromarray(rocket), "JPEG", quality=85, subsampling=1)
     cases["hubble_progressive.jpg"] = pil_save(Image.fromarray(hubble), "JPEG", quality=90, progressive=True)
+    cases["coffee_restart_markers.jpg"] = pil_save(Image.fromarray(coffee), "JPEG", quality=90, restart_marker_blocks=4)
     cases["camera_grey.jpg"] = pil_save(Image.fromarray(camera), "JPEG", quality=90)
     cases["coffee_cmyk.jpg"] = pil_save(Image.fromarray(coffee).convert("CMYK"), "JPEG", quality=90)
-    cases["chelsea_exif_rotate90.jpg"] = pil_save(Image.fromarray(chelsea), "JPEG", quality=90, exif=orientation_exif(6))
+    cases["chelsea_exif_rotate90.jpg"] = pil_save(
+        Image.fromarray(chelsea), "JPEG", quality=90, exif=orientation_exif(6)
+    )
     cases["odd_17x9.jpg"] = pil_save(Image.fromarray(smooth_photo(17, 9, 3)), "JPEG", quality=90)
     cases["large_4000x3000.jpg"] = pil_save(Image.fromarray(smooth_photo(4000, 3000, 4)), "JPEG", quality=90)
 
@@ -173,9 +183,13 @@ def build_cases() -> dict[str, bytes]:
     # Pillow opens 16-bit grey as I;16 and clips it to 255 when converting to RGB.
     grey16 = (camera.astype(np.uint16) * 3).clip(0, 600)
     cases["camera_grey16_small_values.png"] = png_bytes(grey16, 0, 16)
+    cases["camera_grey16_trns.png"] = png_bytes(grey16, 0, 16, trns(struct.pack(">H", 90)))
     cases["camera_grey4bit.png"] = png_bytes(camera >> 4, 0, 4)
     cases["camera_grey2bit.png"] = png_bytes(camera >> 6, 0, 2)
     cases["noise_rgb_trns.png"] = png_bytes(noise, 2, 8, trns(struct.pack(">HHH", *[int(v) for v in noise[5, 7]])))
+    cases["coffee_rgb16_trns.png"] = png_bytes(
+        coffee.astype(np.uint16) * 257, 2, 16, trns(struct.pack(">HHH", *[int(v) * 257 for v in coffee[5, 7]]))
+    )
     cases["camera_grey_trns.png"] = png_bytes(camera, 0, 8, trns(struct.pack(">H", int(camera[100, 100]))))
 
     # WebP, GIF, BMP.
@@ -185,7 +199,14 @@ def build_cases() -> dict[str, bytes]:
     cases["chelsea_lossy_alpha.webp"] = pil_save(Image.fromarray(rgba_with_alpha(chelsea)), "WEBP", quality=85)
     cases["coffee.gif"] = pil_save(palette, "GIF")
     cases["coffee_transparency.gif"] = pil_save(palette, "GIF", transparency=3)
+    frames = [Image.fromarray(np.roll(coffee, 40 * i, axis=1)) for i in range(3)]
+    cases["coffee_animated.gif"] = pil_save(
+        frames[0].quantize(64), "GIF", save_all=True, append_images=[f.quantize(64) for f in frames[1:]]
+    )
+    cases["coffee_animated.webp"] = pil_save(frames[0], "WEBP", save_all=True, append_images=frames[1:], quality=80)
+    cases["camera_grey_transparency.gif"] = pil_save(Image.fromarray(camera), "GIF", transparency=int(camera[0, 0]))
     cases["astronaut.bmp"] = pil_save(rgb, "BMP")
+    cases["logo_rgba.bmp"] = pil_save(Image.fromarray(logo), "BMP")
     cases["coffee_palette.bmp"] = pil_save(palette, "BMP")
     cases["horse_1bit.bmp"] = pil_save(Image.fromarray(skimage_data.horse()), "BMP")
 
