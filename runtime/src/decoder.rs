@@ -4,6 +4,7 @@
 //   -> logits [1,S,V], present.{i} [1,KV,P+S,Hd]
 
 use std::borrow::Cow;
+use std::time::Instant;
 
 use ort::session::SessionInputValue;
 
@@ -51,12 +52,16 @@ pub fn decoder_step(
         inputs.push((spec.name.as_str().into(), value.into()));
     }
 
+    let started = Instant::now();
+    let mut ran = None;
     let presents = graph.run(inputs, |outputs| {
+        ran = Some(started.elapsed());
         read_last_row(&graph.take_output(outputs, 0)?, logits)?;
         (1..graph.spec.outputs.len())
             .map(|i| graph.take_output(outputs, i))
             .collect::<Result<Vec<_>>>()
     })?;
     cache.replace(presents, total);
+    cache.set_last_run(ran.unwrap_or_default());
     Ok(())
 }

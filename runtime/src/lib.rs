@@ -4,6 +4,7 @@
 //! preprocess -> vision -> tokenizer/chat template -> embed + splice -> decoder prefill -> sampling ->
 //! decode loop ([`generate`]).
 
+pub mod bench;
 pub mod chat_template;
 pub mod check;
 pub mod decoder;

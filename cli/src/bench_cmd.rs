@@ -1,0 +1,105 @@
+//! `llama3v bench`: vision, prefill, time to first token, decode speed, overhead and peak memory on
+//! synthetic input.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use llama3v::bench::{BenchConfig, BenchReport};
+
+use crate::model_args::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text tokens of the prefill prompt (random ids; the images' tokens come on top)
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Decode steps timed at each context length
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    /// Random images encoded in one vision run and spliced into the prefill prompt
+    #[arg(long, default_value_t = 1)]
+    pub images: usize,
+    /// Context lengths at which decode is measured, comma-separated (capped at the model's max context)
+    #[arg(long, value_delimiter = ',', default_value = "128,2048")]
+    pub contexts: Vec<usize>,
+    /// Timed repetitions of vision / prefill (after one warm-up)
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Seed of the synthetic token ids and pixels
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the report as JSON on stdout (progress goes to stderr)
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn print_table(report: &BenchReport) {
+    println!("model {} ({})", report.model, report.dtype);
+    println!("providers: {}", report.providers.join("; "));
+    if let Some(t) = report.threads {
+        println!("intra-op threads: {t}");
+    }
+    println!(
+        "vision          {:>10.1} ms/image ({} images in one run: {:.1} ms)",
+        report.vision_ms_per_image, report.config.images, report.vision_batch_ms
+    );
+    println!(
+        "prefill         {:>10.1} tokens/s ({} tokens in {:.1} ms)",
+        report.prefill_tokens_per_s, report.prefill_tokens, report.prefill_ms
+    );
+    println!(
+        "time to first   {:>10.1} ms (images + prompt + first token)",
+        report.ttft_ms
+    );
+    for d in &report.decode {
+        println!(
+            "decode @ {:>5}  {:>10.2} tokens/s (step {:.2} ms, ORT run {:.2} ms, overhead {:.0} us = {:.2} %)",
+            d.context, d.tokens_per_s, d.step_ms, d.ort_run_ms, d.overhead_us, d.overhead_pct
+        );
+    }
+    if let [short, .., long] = report.decode.as_slice() {
+        println!(
+            "long/short      {:>10.3} (decode tokens/s at {} over {})",
+            long.tokens_per_s / short.tokens_per_s,
+            long.context,
+            short.context
+        );
+    }
+    println!(
+        "memory          peak RSS {} MiB; graph files {:.1} MiB (decoder {:.1} MiB); KV cache {:.1} MiB",
+        report
+            .peak_rss_bytes
+            .map_or_else(|| "?".to_string(), |b| format!("{:.1}", mib(b))),
+        mib(report.weight_bytes),
+        mib(report.decoder_weight_bytes),
+        mib(report.kv_cache_bytes)
+    );
+}
+
+pub fn run(args: &BenchArgs) -> Result<ExitCode> {
+    let model = args.model.load()?;
+    let config = BenchConfig {
+        prompt_tokens: args.prompt_tokens,
+        new_tokens: args.new_tokens,
+        images: args.images,
+        contexts: args.contexts.clone(),
+        repeats: args.repeats,
+        seed: args.seed,
+    };
+    let report = model
+        .bench(&config, args.model.threads, &mut |line| eprintln!("{line}"))
+        .with_context(|| format!("benchmarking {}", model.dir.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
