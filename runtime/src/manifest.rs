@@ -19,6 +19,8 @@ pub const FORMAT: &str = "llama3v-model";
 pub const FORMAT_VERSION: u32 = 1;
 /// Largest image height or width a manifest may ask preprocessing for.
 pub const MAX_IMAGE_SIDE: u32 = 8192;
+/// Largest decoder depth a manifest may declare.
+pub const MAX_LAYERS: usize = 4096;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
@@ -242,6 +244,13 @@ impl Manifest {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_kv_heads {}",
                 m.num_attention_heads, m.num_kv_heads
+            ));
+        }
+        // Bounds the graph's input/output counts computed from it (and keeps that arithmetic exact).
+        if m.num_layers > MAX_LAYERS {
+            return Err(format!(
+                "num_layers {} is over the limit of {MAX_LAYERS}",
+                m.num_layers
             ));
         }
         expect_io("vision", &self.graphs.vision, 1, 1)?;
