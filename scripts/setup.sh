@@ -19,6 +19,31 @@ if ! "$py" -c "import llama3v_export, llama_models, pytest" 2>/dev/null; then
     "$py" -m pip install -q --no-deps "llama-models==0.3.*"
 fi
 
+if [ "${LLAMA3V_GPU:-0}" = 1 ]; then
+    # Opt-in GPU build of ONNX Runtime: the onnxruntime-gpu wheel (CUDA and TensorRT provider libraries)
+    # with CUDA 13 and cuDNN 9 from NVIDIA's wheels, and TensorRT's libraries of the major version its
+    # TensorRT provider links against. The runtime loads them all from .venv (docs/EXECUTION_PROVIDERS.md).
+    if ! "$py" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+        echo "== installing onnxruntime-gpu with CUDA 13 and cuDNN 9 into $venv (large: a few minutes)"
+        # Both wheels own the onnxruntime package directory: remove the CPU one first.
+        "$py" -m pip uninstall -q -y onnxruntime || true
+        "$py" -m pip install -q "onnxruntime-gpu[cuda,cudnn]==1.31.*"
+    fi
+    capi=$("$py" -c "import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'))")
+    trt_major=$("$py" - "$capi/libonnxruntime_providers_tensorrt.so" <<'PYEOF'
+import re, sys
+# The libnvinfer major version the TensorRT provider was linked against, from its dynamic section.
+data = open(sys.argv[1], "rb").read()
+found = sorted(set(re.findall(rb"libnvinfer\.so\.(\d+)", data)))
+print(found[0].decode() if found else "10")
+PYEOF
+)
+    if ! ls "$venv"/lib/python*/site-packages/tensorrt_libs/libnvinfer.so."$trt_major"* >/dev/null 2>&1; then
+        echo "== installing TensorRT $trt_major libraries (tensorrt-cu13-libs) into $venv"
+        "$py" -m pip install -q "tensorrt-cu13-libs==$trt_major.*"
+    fi
+fi
+
 echo "== building the runtime and CLI (release)"
 cargo build --release --quiet
 

@@ -28,6 +28,11 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
                     "name": g.name,
                     "file": g.spec.file,
                     "providers": g.providers.active.iter().map(|p| p.name()).collect::<Vec<_>>(),
+                    // ONNX Runtime's node placement per provider (empty when it did not report it).
+                    "placement": g.providers.placement.iter()
+                        .map(|(ep, n)| json!({"provider": ep, "nodes": n}))
+                        .collect::<Vec<_>>(),
+                    "provider_warnings": g.providers.warnings,
                     "inputs": g.spec.inputs,
                     "outputs": g.spec.outputs,
                 })

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use llama3v::ep::ProviderList;
+use llama3v::ep_config::EpOptions;
 use llama3v::graph::SessionOptions;
 use llama3v::manifest::LoadOptions;
 use llama3v::{Model, ModelOptions};
@@ -18,9 +19,18 @@ pub struct ModelArgs {
     /// Model directory written by llama3v-export [default: $LLAMA3V_MODEL or models/default]
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
-    /// Execution providers in order of preference, e.g. cpu, cuda, tensorrt,cuda,cpu
-    #[arg(long, default_value = "cpu")]
-    pub ep: String,
+    /// Execution providers in order of preference, e.g. cpu, cuda, tensorrt,cuda,cpu: a provider that
+    /// cannot run is an error unless a later one is named [default: the config's providers, else cpu]
+    #[arg(long)]
+    pub ep: Option<String>,
+    /// Execution-provider options file (TOML, or JSON by its .json extension); see
+    /// docs/EXECUTION_PROVIDERS.md
+    #[arg(long, value_name = "FILE")]
+    pub ep_config: Option<PathBuf>,
+    /// One provider option, applied after --ep-config, e.g. tensorrt.fp16=true, device_id=1,
+    /// cuda.memory_limit=20GiB, limits.max_context=4096 (repeatable)
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub ep_option: Vec<String>,
     /// Intra-op threads for ONNX Runtime [default: all cores]
     #[arg(long)]
     pub threads: Option<usize>,
@@ -38,13 +48,41 @@ impl ModelArgs {
         })
     }
 
+    /// The provider options from --ep-config and --ep-option, and the provider list (--ep wins over the
+    /// config's `providers`).
+    pub fn provider_options(&self) -> Result<(ProviderList, EpOptions)> {
+        let mut options = EpOptions::default();
+        if let Some(path) = &self.ep_config {
+            options.apply_file(path).context("--ep-config")?;
+        }
+        for arg in &self.ep_option {
+            options.apply_arg(arg).context("--ep-option")?;
+        }
+        let providers = match &self.ep {
+            Some(list) => list.parse().context("--ep")?,
+            None => options.providers.clone().unwrap_or_else(ProviderList::cpu),
+        };
+        Ok((providers, options))
+    }
+
+    /// The same model options on another provider list (`check --against`).
+    pub fn with_ep(&self, ep: &str) -> ModelArgs {
+        ModelArgs {
+            ep: Some(ep.to_string()),
+            ..self.clone()
+        }
+    }
+
     pub fn load(&self) -> Result<Model> {
         let dir = self.model_dir();
-        let providers: ProviderList = self.ep.parse().context("--ep")?;
+        let (providers, ep) = self.provider_options()?;
+        let uses_gpu = providers.uses_gpu();
         let options = ModelOptions {
             session: SessionOptions {
                 providers,
                 threads: self.threads,
+                ep,
+                limits: None,
             },
             load: LoadOptions {
                 verify_hashes: !self.no_verify_hashes,
@@ -52,9 +90,23 @@ impl ModelArgs {
         };
         let model = Model::load(&dir, &options)
             .with_context(|| format!("loading model {}", dir.display()))?;
+        // The same fallback usually happens for every graph: say it once, naming the graphs.
+        let mut warnings: Vec<(&str, Vec<&str>)> = Vec::new();
         for graph in model.graphs() {
             for warning in &graph.providers.warnings {
-                eprintln!("warning: {}: {warning}", graph.name);
+                match warnings.iter_mut().find(|(w, _)| w == warning) {
+                    Some((_, graphs)) => graphs.push(graph.name),
+                    None => warnings.push((warning, vec![graph.name])),
+                }
+            }
+        }
+        for (warning, graphs) in warnings {
+            eprintln!("warning: {}: {warning}", graphs.join(", "));
+        }
+        // Where a GPU was asked for, say where the nodes went: ONNX Runtime may split a graph.
+        if uses_gpu {
+            for graph in model.graphs() {
+                eprintln!("info: graph {}", graph.provider_summary());
             }
         }
         Ok(model)

@@ -25,6 +25,16 @@ pub enum Error {
     #[error("execution provider {provider}: {reason}")]
     ExecutionProvider { provider: String, reason: String },
 
+    #[error("execution provider option {key} = {value}: expected {expected}")]
+    ProviderOption {
+        key: String,
+        value: String,
+        expected: String,
+    },
+
+    #[error("execution provider options file {path}: {reason}")]
+    ProviderOptionsFile { path: PathBuf, reason: String },
+
     #[error("image {source_name}: {reason}")]
     Image { source_name: String, reason: String },
 

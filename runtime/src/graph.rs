@@ -1,17 +1,19 @@
 //! One ONNX Runtime session per exported graph, checked against the manifest, and the float tensors
 //! that cross its boundary (float32 or float16, as the export's dtype says).
 
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use half::f16;
-use ort::session::builder::GraphOptimizationLevel;
+use ort::logging::LogLevel;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{Session, SessionInputs, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType};
 
-use crate::ep::{ProviderList, Registered};
+use crate::ep::{parse_placement, GraphProviderPlan, Provider, ProviderList, Registered};
+use crate::ep_config::{tensorrt_profile, EpOptions, ResolvedLimits};
 use crate::error::{Error, Result};
-use crate::manifest::{resolve_inside, Dim, GraphSpec, TensorDtype};
+use crate::manifest::{resolve_inside, Dim, GraphSpec, ModelDims, TensorDtype};
 
 /// Session options shared by the three graphs.
 #[derive(Debug, Clone)]
@@ -19,6 +21,11 @@ pub struct SessionOptions {
     pub providers: ProviderList,
     /// Intra-op threads; `None` lets ONNX Runtime use every core.
     pub threads: Option<usize>,
+    /// Provider options: device, CUDA arena, TensorRT precision, caches and request limits.
+    pub ep: EpOptions,
+    /// The request limits checked against the model ([`SessionOptions::for_model`]); TensorRT's
+    /// optimization profiles are derived from them. `None`: no explicit profiles.
+    pub limits: Option<ResolvedLimits>,
 }
 
 impl Default for SessionOptions {
@@ -26,7 +33,50 @@ impl Default for SessionOptions {
         SessionOptions {
             providers: ProviderList::cpu(),
             threads: None,
+            ep: EpOptions::default(),
+            limits: None,
         }
+    }
+}
+
+impl SessionOptions {
+    /// These options with the request limits resolved against the model's dims (refused when they ask
+    /// for more context than the model has).
+    pub fn for_model(&self, dims: &ModelDims) -> Result<SessionOptions> {
+        let mut options = self.clone();
+        options.limits = Some(self.ep.limits.resolve(dims.max_context)?);
+        Ok(options)
+    }
+
+    /// What registering `graph`'s providers needs: its TensorRT profile and cache directories. Engines
+    /// go to a directory named by the graph file's sha256: ONNX Runtime names cached engines by the model
+    /// path and graph structure, not the weights, so a re-exported graph at the same path would otherwise
+    /// load a stale engine.
+    fn plan(&self, graph: &str, spec: &GraphSpec) -> Result<GraphProviderPlan> {
+        if !self.providers.providers().contains(&Provider::TensorRt) {
+            return Ok(GraphProviderPlan::default());
+        }
+        let profile = match &self.limits {
+            Some(limits) => tensorrt_profile(graph, spec, limits)?,
+            None => None,
+        };
+        let cache = self.ep.cache_dir();
+        let digest: String = spec.sha256.chars().take(16).collect();
+        let engine_dir: Option<PathBuf> = cache.as_ref().map(|dir| {
+            dir.join(format!(
+                "{graph}-{}",
+                if digest.is_empty() {
+                    "unhashed"
+                } else {
+                    &digest
+                }
+            ))
+        });
+        Ok(GraphProviderPlan {
+            profile,
+            engine_dir,
+            timing_dir: cache,
+        })
     }
 }
 
@@ -40,34 +90,69 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// Creates the session on the first providers of the list that work. A provider can register and
+    /// still fail when the session is created (no device, a CUDA library of the wrong version); then the
+    /// next provider of the list takes over with a warning, as when registering fails.
     pub fn open(
         dir: &Path,
         name: &'static str,
         spec: &GraphSpec,
         options: &SessionOptions,
     ) -> Result<Graph> {
-        let env = crate::ort_env::environment()?;
         let path = resolve_inside(dir, &spec.file)?;
-        let mut builder = Session::builder(env)?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
-            .map_err(ort::Error::from)?;
-        if let Some(threads) = options.threads {
-            builder = builder
-                .with_intra_threads(threads)
-                .map_err(ort::Error::from)?;
+        let plan = options.plan(name, spec)?;
+        let mut providers = options.providers.clone();
+        let mut warnings = Vec::new();
+        loop {
+            let placement = Arc::new(Mutex::new(Vec::new()));
+            let mut builder = session_builder(options, name, &placement)?;
+            let mut registered = providers.register(&mut builder, &options.ep, &plan)?;
+            match builder.commit_from_file(&path) {
+                Ok(session) => {
+                    check_io(name, spec, &session)?;
+                    warnings.append(&mut registered.warnings);
+                    registered.warnings = warnings;
+                    registered.placement =
+                        std::mem::take(&mut *placement.lock().unwrap_or_else(|p| p.into_inner()));
+                    return Ok(Graph {
+                        name,
+                        spec: spec.clone(),
+                        session: Mutex::new(session),
+                        providers: registered,
+                    });
+                }
+                Err(e) => {
+                    let first_gpu = registered
+                        .active
+                        .iter()
+                        .copied()
+                        .find(|p| *p != Provider::Cpu);
+                    let rest = first_gpu.and_then(|p| providers.without(p).map(|rest| (p, rest)));
+                    let Some((failed, rest)) = rest else {
+                        return Err(Error::Graph {
+                            graph: name.into(),
+                            reason: format!(
+                                "creating the session on {} failed: {}: {e}",
+                                registered
+                                    .active
+                                    .iter()
+                                    .map(|p| p.name())
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                path.display()
+                            ),
+                        });
+                    };
+                    warnings.append(&mut registered.warnings);
+                    warnings.push(format!(
+                        "execution provider {failed}: creating the session failed: {e} (needs {}); \
+                         falling back to {rest}",
+                        failed.library()
+                    ));
+                    providers = rest;
+                }
+            }
         }
-        let providers = options.providers.register(&mut builder)?;
-        let session = builder.commit_from_file(&path).map_err(|e| Error::Graph {
-            graph: name.into(),
-            reason: format!("{}: {e}", path.display()),
-        })?;
-        check_io(name, spec, &session)?;
-        Ok(Graph {
-            name,
-            spec: spec.clone(),
-            session: Mutex::new(session),
-            providers,
-        })
     }
 
     /// Runs the session and hands its outputs to `read`, which takes what it needs out of them.
@@ -120,8 +205,50 @@ impl Graph {
     /// A human-readable line: which providers run this graph.
     pub fn provider_summary(&self) -> String {
         let names: Vec<&str> = self.providers.active.iter().map(|p| p.name()).collect();
-        format!("{}: {}", self.name, names.join(","))
+        if self.providers.placement.is_empty() {
+            return format!("{}: {}", self.name, names.join(","));
+        }
+        format!(
+            "{}: {} ({})",
+            self.name,
+            names.join(","),
+            self.providers.placement_summary()
+        )
     }
+}
+
+/// A session builder whose verbose log is read for ONNX Runtime's node placement (the C API has no
+/// other way to ask which provider got which node); errors still reach stderr as ONNX Runtime's own
+/// logger would print them.
+fn session_builder(
+    options: &SessionOptions,
+    name: &'static str,
+    placement: &Arc<Mutex<Vec<(String, usize)>>>,
+) -> Result<SessionBuilder> {
+    let env = crate::ort_env::environment()?;
+    let sink = Arc::clone(placement);
+    let logger: ort::logging::LoggerFunction = Arc::new(
+        move |level: LogLevel, _category: &str, _id: &str, _location: &str, message: &str| {
+            if let Some(entry) = parse_placement(message) {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(entry);
+            } else if level >= LogLevel::Error {
+                eprintln!("onnxruntime ({name}): {message}");
+            }
+        },
+    );
+    let mut builder = Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(ort::Error::from)?
+        .with_logger(logger)
+        .map_err(ort::Error::from)?
+        .with_log_level(LogLevel::Verbose)
+        .map_err(ort::Error::from)?;
+    if let Some(threads) = options.threads {
+        builder = builder
+            .with_intra_threads(threads)
+            .map_err(ort::Error::from)?;
+    }
+    Ok(builder)
 }
 
 fn graph_error(name: &str, reason: String) -> Error {

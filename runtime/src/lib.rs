@@ -7,9 +7,11 @@
 pub mod bench;
 pub mod chat_template;
 pub mod check;
+pub mod compare;
 pub mod decoder;
 pub mod embed;
 pub mod ep;
+pub mod ep_config;
 pub mod error;
 pub mod generate;
 pub mod graph;

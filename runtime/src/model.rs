@@ -76,10 +76,11 @@ impl Model {
             &manifest.text.eos_token,
         )?;
         let graphs = &manifest.graphs;
+        let session = options.session.for_model(&manifest.model)?;
         let sessions = Sessions {
-            vision: Graph::open(dir, "vision", &graphs.vision, &options.session)?,
-            embed: Graph::open(dir, "embed", &graphs.embed, &options.session)?,
-            decoder: Graph::open(dir, "decoder", &graphs.decoder, &options.session)?,
+            vision: Graph::open(dir, "vision", &graphs.vision, &session)?,
+            embed: Graph::open(dir, "embed", &graphs.embed, &session)?,
+            decoder: Graph::open(dir, "decoder", &graphs.decoder, &session)?,
             dtype: manifest.float_dtype(),
             dims: manifest.model.clone(),
             image: manifest.image.clone(),
