@@ -1,8 +1,11 @@
 //! The KV cache as a value the decode loop owns: the decoder's `present.*` outputs of one step are the
-//! `past_key_values.*` inputs of the next, moved, not copied.
+//! `past_key_values.*` inputs of the next, moved, not copied. Beside it, the small per-step input
+//! buffers (attention mask, position ids, float16 embeddings), kept so a decode step builds its inputs
+//! without allocating.
 
 use std::time::Duration;
 
+use half::f16;
 use ort::value::DynValue;
 
 use crate::error::Result;
@@ -16,6 +19,12 @@ pub struct KvCache {
     /// Time spent inside ONNX Runtime's run in the last decoder run (benchmarks subtract it from the
     /// step's wall time to get the runtime's own overhead).
     last_run: Duration,
+    /// The attention mask's values: ones, at least as many as the context; a run views a prefix.
+    pub(crate) mask: Vec<i64>,
+    /// The position ids of the run being built.
+    pub(crate) positions: Vec<i64>,
+    /// The embeddings converted to float16 for an fp16 graph.
+    pub(crate) halves: Vec<f16>,
 }
 
 impl KvCache {
@@ -29,6 +38,10 @@ impl KvCache {
             entries,
             len: 0,
             last_run: Duration::ZERO,
+            // Sized once to the model's context (8 bytes a position) so decode steps never regrow it.
+            mask: vec![1; dims.max_context],
+            positions: Vec::new(),
+            halves: Vec::new(),
         })
     }
 
@@ -41,11 +54,6 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Hands the past tensors to a decoder run; [`KvCache::replace`] must follow with its presents.
-    pub(crate) fn take(&mut self) -> Vec<DynValue> {
-        std::mem::take(&mut self.entries)
-    }
-
     /// Time inside ONNX Runtime's run during the last decoder run on this cache.
     pub fn last_run(&self) -> Duration {
         self.last_run
@@ -53,6 +61,11 @@ impl KvCache {
 
     pub(crate) fn set_last_run(&mut self, run: Duration) {
         self.last_run = run;
+    }
+
+    /// Hands the past tensors to a decoder run; [`KvCache::replace`] must follow with its presents.
+    pub(crate) fn take(&mut self) -> Vec<DynValue> {
+        std::mem::take(&mut self.entries)
     }
 
     pub(crate) fn replace(&mut self, entries: Vec<DynValue>, len: usize) {
