@@ -76,7 +76,7 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
         .iter()
         .map(|path| load_image(path, &limits))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut model = args.model.load()?;
+    let model = args.model.load()?;
     let sampling = sampling_params(args, &model.manifest.generation);
     sampling.validate()?;
 

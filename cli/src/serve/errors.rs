@@ -1,0 +1,128 @@
+//! Errors in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with the HTTP status
+//! clients act on: 4xx means "fix the request", 429/503 "retry later", 500 "our fault".
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// OpenAI's `type`: `invalid_request_error`, `server_error`, ...
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    /// A request field with a bad value; `param` names it as OpenAI does.
+    pub fn invalid_param(param: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            param: Some(param),
+            code: Some("invalid_value"),
+            ..Self::bad_request(message)
+        }
+    }
+
+    pub fn payload_too_large(limit: usize) -> Self {
+        ApiError {
+            code: Some("request_too_large"),
+            ..Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("request body is larger than the limit of {limit} bytes"),
+            )
+        }
+    }
+
+    pub fn queue_full(running: usize, queued: usize) -> Self {
+        ApiError {
+            code: Some("queue_full"),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!(
+                    "the server is busy ({running} requests running, {queued} queued, the most it \
+                     accepts); retry later"
+                ),
+            )
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            message,
+        )
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+/// The runtime's typed errors: what the request carried (images, messages, sampling, length) is the
+/// client's to fix; everything about the model and its graphs is the server's.
+impl From<llama3v::Error> for ApiError {
+    fn from(err: llama3v::Error) -> Self {
+        use llama3v::Error as E;
+        let message = err.to_string();
+        match err {
+            E::ContextOverflow { .. } => ApiError {
+                code: Some("context_length_exceeded"),
+                param: Some("messages"),
+                ..Self::bad_request(message)
+            },
+            E::Image { .. } | E::ImageCount { .. } => ApiError {
+                code: Some("invalid_image"),
+                param: Some("messages"),
+                ..Self::bad_request(message)
+            },
+            E::Sampling(_) => ApiError {
+                code: Some("invalid_value"),
+                ..Self::bad_request(message)
+            },
+            // The template raises on message structures it does not accept (e.g. roles out of order).
+            E::ChatTemplate(_) => ApiError {
+                param: Some("messages"),
+                ..Self::bad_request(message)
+            },
+            // Model, graph, provider and tokenizer failures, and any variant added later.
+            _ => Self::internal(message),
+        }
+    }
+}
