@@ -391,3 +391,71 @@ fn last_dim(value: &DynValue) -> Result<usize> {
     }
     Ok(width as usize)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn embed_spec() -> GraphSpec {
+        serde_json::from_value(serde_json::json!({
+            "file": "embed.onnx",
+            "sha256": "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}],
+            "outputs": [{"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "sequence", 64]}],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn tensorrt_plans_profiles_and_a_cache_per_graph_file() {
+        let mut ep = EpOptions::default();
+        ep.apply_arg("tensorrt.cache_dir=/cache").unwrap();
+        ep.apply_arg("limits.max_prompt_tokens=100").unwrap();
+        let dims: ModelDims = serde_json::from_value(serde_json::json!({
+            "num_layers": 1, "num_attention_heads": 2, "num_kv_heads": 2, "head_dim": 8,
+            "hidden_size": 64, "vocab_size": 10, "max_context": 256
+        }))
+        .unwrap();
+        let options = SessionOptions {
+            providers: "tensorrt,cuda,cpu".parse().unwrap(),
+            ep,
+            ..Default::default()
+        }
+        .for_model(&dims)
+        .unwrap();
+        let plan = options.plan("embed", &embed_spec()).unwrap();
+        assert_eq!(
+            plan.engine_dir,
+            Some(PathBuf::from("/cache/embed-0123456789abcdef"))
+        );
+        assert_eq!(plan.timing_dir, Some(PathBuf::from("/cache")));
+        let profile = plan.profile.unwrap();
+        assert_eq!(
+            (profile.min.as_str(), profile.max.as_str()),
+            ("input_ids:1x1", "input_ids:1x100")
+        );
+
+        // Without TensorRT in the list there is nothing to plan (and no cache directory is made).
+        let cpu = SessionOptions {
+            ep: options.ep.clone(),
+            ..Default::default()
+        };
+        let plan = cpu.plan("embed", &embed_spec()).unwrap();
+        assert!(plan.profile.is_none() && plan.engine_dir.is_none());
+
+        // Limits beyond the model's context are refused when the model is opened.
+        let mut ep = EpOptions::default();
+        ep.apply_arg("limits.max_context=512").unwrap();
+        let err = SessionOptions {
+            ep,
+            ..Default::default()
+        }
+        .for_model(&dims)
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("limits.max_context") && err.contains("1..=256"),
+            "{err}"
+        );
+    }
+}
