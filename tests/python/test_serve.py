@@ -276,6 +276,20 @@ def test_local_paths_are_refused_without_an_allowed_directory(model_dir: Path, i
     assert "--allowed-image-dir" in body["error"]["message"]
 
 
+def test_a_model_that_fails_to_load_stops_the_server(tmp_path: Path):
+    done = subprocess.run(
+        [binary(), "serve", "--model", str(tmp_path / "missing"), "--host", "127.0.0.1", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_S,
+        check=False,
+    )
+    print(done.stderr)
+    assert "listening on http://127.0.0.1:" in done.stderr
+    assert done.returncode == 2
+    assert "missing" in done.stderr
+
+
 def test_error_statuses(server: Server, image_url: str):
     def expect(status: int, body: bytes | dict, needle: str, kind: str = "invalid_request_error") -> dict:
         got, raw = server.request("POST", "/v1/chat/completions", body)

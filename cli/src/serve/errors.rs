@@ -126,3 +126,28 @@ impl From<llama3v::Error> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_errors_map_to_client_or_server_statuses() {
+        let overflow = ApiError::from(llama3v::Error::ContextOverflow {
+            prompt_tokens: 2100,
+            max_new_tokens: 16,
+            max_context: 2048,
+        });
+        assert_eq!(overflow.status, StatusCode::BAD_REQUEST);
+        assert_eq!(overflow.code, Some("context_length_exceeded"));
+        assert!(overflow.message.contains("2100") && overflow.message.contains("2048"));
+        let image = ApiError::from(llama3v::Error::ImageCount {
+            markers: 1,
+            images: 2,
+        });
+        assert_eq!(image.status, StatusCode::BAD_REQUEST);
+        let graph = ApiError::from(llama3v::Error::NonFiniteLogits { step: 3 });
+        assert_eq!(graph.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(graph.body()["error"]["type"], "server_error");
+    }
+}
