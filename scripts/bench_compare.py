@@ -173,7 +173,8 @@ def run_transformers(args, manifest: dict, contexts: list[int]) -> dict:
             model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                pixel_values=pixels,
+                # Text-only prompts pass no pixel_values at all: generate would encode None.
+                **({"pixel_values": pixels} if pixels is not None else {}),
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
