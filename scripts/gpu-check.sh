@@ -38,18 +38,29 @@ providers=("cuda" "tensorrt,cuda")
 have_bench=0
 "$bin" bench --help >/dev/null 2>&1 && have_bench=1
 
+# Checkpoints, then the four exports side by side (each validates against PyTorch and computes the
+# reference: the longest part of the run on one core each).
+pids=()
 for preset in $presets; do
     ckpt="$work/$preset-ckpt"
     [ -f "$ckpt/config.json" ] || .venv/bin/llama3v-tiny --preset "$preset" --out "$ckpt" >"$work/$preset-tiny.log" 2>&1 \
         || { echo "gpu-check: llama3v-tiny $preset failed (see $work/$preset-tiny.log)" >&2; exit 2; }
     for dtype in fp32 fp16; do
         model="$work/$preset-$dtype"
-        if [ ! -f "$model/manifest.json" ]; then
-            echo "== export $preset $dtype"
-            .venv/bin/llama3v-export --checkpoint "$ckpt" --out "$model" --dtype "$dtype" --reference \
-                >"$work/$preset-$dtype-export.log" 2>&1 \
-                || { echo "gpu-check: export failed (see $work/$preset-$dtype-export.log)" >&2; exit 2; }
-        fi
+        [ -f "$model/manifest.json" ] && continue
+        echo "== export $preset $dtype"
+        .venv/bin/llama3v-export --checkpoint "$ckpt" --out "$model" --dtype "$dtype" --reference \
+            >"$work/$preset-$dtype-export.log" 2>&1 &
+        pids+=($!)
+    done
+done
+for pid in "${pids[@]}"; do
+    wait "$pid" || { echo "gpu-check: an export failed (see $work/*-export.log)" >&2; exit 2; }
+done
+
+for preset in $presets; do
+    for dtype in fp32 fp16; do
+        model="$work/$preset-$dtype"
         tag="$preset-$dtype"
         echo "== check $tag on cpu"
         "$bin" check --model "$model" --ep cpu --json >"$work/$tag.cpu.check.json" 2>"$work/$tag.cpu.check.err"
@@ -124,6 +135,11 @@ head = ("model", "provider", "check", "max logit diff vs cpu", "greedy vs cpu", 
 widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
 for r in [head, *rows]:
     print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+for tag, name, status, *_ in rows:
+    if status == "ERROR":
+        err = work / f"{tag}.{name}.check.err"
+        lines = [line for line in err.read_text().splitlines() if line.startswith("error:")] if err.exists() else []
+        print(f"{tag} {name}: {lines[-1] if lines else 'no report (see ' + str(err) + ')'}")
 print("logit diffs: fp32 absolute (tolerance 1e-4), fp16 relative to the largest logit (tolerance 1e-2)")
 print(f"full reports: {work}")
 sys.exit(0 if all(r[2] == "pass" for r in rows) else 1)

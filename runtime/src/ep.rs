@@ -142,11 +142,17 @@ impl ProviderList {
             match register_one(*provider, builder, options, plan) {
                 Ok(()) => registered.active.push(*provider),
                 Err(reason) => {
+                    let mut reason = format!("{reason} (needs {})", provider.library());
+                    let next = self.0.get(i + 1);
+                    // The last provider failing ends the list: say why the earlier ones fell back too.
+                    if next.is_none() && !registered.warnings.is_empty() {
+                        reason = format!("{reason}; earlier: {}", registered.warnings.join("; "));
+                    }
                     let err = Error::ExecutionProvider {
                         provider: provider.name().into(),
-                        reason: format!("{reason} (needs {})", provider.library()),
+                        reason,
                     };
-                    match self.0.get(i + 1) {
+                    match next {
                         Some(next) => registered
                             .warnings
                             .push(format!("{err}; falling back to {next}")),

@@ -34,6 +34,16 @@ def test_a_gpu_provider_alone_is_a_clear_error(model_dir, ep, ort_name, library)
     assert proc.stdout == ""
 
 
+def test_a_list_without_a_working_provider_names_every_failure(model_dir):
+    if _gpu_runs_here(model_dir):
+        pytest.skip("CUDA runs here")
+    proc = llama3v("inspect", "--model", str(model_dir), "--ep", "tensorrt,cuda")
+    assert proc.returncode == 2, proc.stderr
+    assert "execution provider cuda:" in proc.stderr, proc.stderr
+    assert "earlier: execution provider tensorrt:" in proc.stderr, proc.stderr
+    assert "falling back to cuda" in proc.stderr, proc.stderr
+
+
 def _generate(model_dir, ep: str) -> tuple[dict, str]:
     proc = llama3v(
         "generate", "--model", str(model_dir), "--prompt", "Describe a cat.", "--max-new-tokens", "24",
