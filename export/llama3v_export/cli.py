@@ -17,6 +17,7 @@ from .reference import write_reference
 from .validate import Comparison, ValidationError, validate_graphs, validate_reference
 
 DEFAULT_OPSET = 17
+OPSETS = range(14, 21)
 FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 
@@ -64,8 +65,9 @@ def export_model(
     )
     files = export_all(model, dims, out, FLOAT_DTYPES[dtype], opset, step, external_data)
     graph_files = {name: paths[0] for name, paths in files.items()}
-    if dtype != "fp32":
-        # fp16 graphs are judged against the fp32 model: the error that matters is the one from full precision.
+    if dtype != "fp32" and (validate or reference):
+        # fp16 graphs are judged against the fp32 model (the error that matters is the one from full precision),
+        # and the reference is fp32 whatever the export dtype.
         del model
         model = load_model(checkpoint.path, "fp32")
     result = ExportResult(out, {})
@@ -94,7 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="model directory to write")
     parser.add_argument("--dtype", choices=sorted(FLOAT_DTYPES), default="fp32")
     parser.add_argument("--reference", action="store_true", help="also write reference/ cases from transformers")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
+    parser.add_argument(
+        "--opset", type=int, choices=OPSETS, default=DEFAULT_OPSET, metavar="N", help="ONNX opset, 14..20 (default 17)"
+    )
     parser.add_argument("--skip-validation", action="store_true", help="do not compare the graphs with PyTorch")
     return parser.parse_args(argv)
 

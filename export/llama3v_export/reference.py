@@ -101,6 +101,11 @@ def save_images(case: Case, out: Path, first_index: int) -> list[str]:
     return names
 
 
+def _read_image(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.copy()
+
+
 def run_case(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
@@ -110,7 +115,7 @@ def run_case(
     feature_layer: int,
 ) -> tuple[dict[str, np.ndarray], list[int]]:
     """Tensors and greedy tokens of one case."""
-    images = [Image.open(p) for p in image_files]
+    images = [_read_image(p) for p in image_files]
     inputs = processor.apply_chat_template(
         messages(case, images), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )

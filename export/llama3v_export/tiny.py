@@ -24,7 +24,15 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from .tokenizer import BOS_TOKEN, BOS_TOKEN_ID, EOT_TOKEN, IMAGE_TOKEN, IMAGE_TOKEN_ID, build_tokenizer
+from .tokenizer import (
+    BOS_TOKEN,
+    BOS_TOKEN_ID,
+    EOT_TOKEN,
+    IMAGE_TOKEN,
+    IMAGE_TOKEN_ID,
+    build_tokenizer,
+    check_against_tiktoken,
+)
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -39,6 +47,14 @@ CHAT_TEMPLATE = (
 
 STOP_TOKEN_IDS = [128001, 128008, 128009]
 TEXT_VOCAB_SIZE = IMAGE_TOKEN_ID + 1
+
+# Random weights: std WEIGHT_GAIN / sqrt(fan_in). The decoder's query and key projections get QK_SHARPEN times
+# more: sharper attention, as trained models have, so that a long prompt (729 image tokens in `mid`) is not
+# averaged into one constant vector that makes every greedy step pick the same token. The vision tower keeps the
+# plain gain: sharper there, a random network amplifies fp32 rounding layer by layer (torch fp32 itself then
+# drifts from fp64 by more than the 1e-4 parity tolerance at 6 layers).
+WEIGHT_GAIN = 1.0
+QK_SHARPEN = 1.5
 
 
 @dataclass(frozen=True)
@@ -57,7 +73,6 @@ class Preset:
     vision_num_attention_heads: int
     vision_intermediate_size: int
     vision_feature_layer: int
-    weight_gain: float = 1.5
 
 
 PRESETS: dict[str, Preset] = {
@@ -114,6 +129,17 @@ def llava_config(preset: Preset) -> LlavaConfig:
     )
 
 
+def _matrix_std(name: str, param: torch.Tensor, gain: float) -> float:
+    if name.endswith("embed_tokens.weight"):
+        # Rows are looked up, not summed over: O(1) entries keep the current token visible in the residual
+        # stream beside the layer outputs.
+        return gain
+    std = gain / param[0].numel() ** 0.5
+    if "language_model" in name and name.endswith(("q_proj.weight", "k_proj.weight")):
+        std *= QK_SHARPEN
+    return std
+
+
 def randomize_(model: torch.nn.Module, gain: float, seed: int) -> None:
     """Seeded weights that keep activations O(1) at every width, yet spread the logits enough that greedy
     decoding does not collapse onto one token.
@@ -128,7 +154,7 @@ def randomize_(model: torch.nn.Module, gain: float, seed: int) -> None:
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
             if param.ndim >= 2:
-                param.copy_(noise * (gain / param[0].numel() ** 0.5))
+                param.copy_(noise * _matrix_std(name, param, gain))
             elif "norm" in name and name.endswith("weight"):
                 param.copy_(1.0 + 0.1 * noise)
             else:
@@ -148,7 +174,9 @@ def generation_config() -> GenerationConfig:
 
 def processor(preset: Preset) -> LlavaProcessor:
     """Tokenizer + SigLIP image processor (PIL backend) + chat template, as a LLaVA processor."""
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(), bos_token=BOS_TOKEN, eos_token=EOT_TOKEN)
+    converted = build_tokenizer()
+    check_against_tiktoken(converted)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=BOS_TOKEN, eos_token=EOT_TOKEN)
     image_processor = SiglipImageProcessorPil(
         do_resize=True,
         size={"height": preset.image_size, "width": preset.image_size},
@@ -198,7 +226,7 @@ def make_checkpoint(preset_name: str, out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(llava_config(preset)).eval()
-    randomize_(model, preset.weight_gain, seed)
+    randomize_(model, WEIGHT_GAIN, seed)
     model.generation_config = generation_config()
     model.save_pretrained(out, safe_serialization=True)
     write_processor_files(preset, out)
