@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import io
 import json
 import os
 import re
@@ -142,7 +143,7 @@ def image_url(image_dir: Path) -> str:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, image_dir: Path) -> Iterator[Server]:
-    flags = ["--max-images", "2", "--max-body-bytes", "200000", "--max-tokens", "1900"]
+    flags = ["--max-images", "2", "--max-body-bytes", "200000", "--max-tokens", "1900", "--max-image-side", "100"]
     with serve(model_dir, *flags, "--allowed-image-dir", str(image_dir)) as running:
         yield running
 
@@ -309,6 +310,10 @@ def test_error_statuses(server: Server, image_url: str):
     bogus = "data:image/png;base64," + base64.b64encode(b"not an image at all").decode()
     assert expect(400, {"messages": image_message(bogus)}, "image 0")["code"] == "invalid_image"
     expect(400, {"messages": image_message("data:image/png;base64,@@@@")}, "base64")
+    wide = io.BytesIO()
+    Image.new("RGB", (120, 10)).save(wide, "PNG")
+    wide_url = "data:image/png;base64," + base64.b64encode(wide.getvalue()).decode()
+    assert expect(400, {"messages": image_message(wide_url)}, "100x100")["code"] == "invalid_image"
     three = [{"type": "image_url", "image_url": {"url": image_url}}] * 3
     expect(400, {"messages": [{"role": "user", "content": three}]}, "limit of 2")
     # The prompt alone is longer than the 2048-token context: the message names both numbers.

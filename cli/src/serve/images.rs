@@ -27,7 +27,8 @@ fn image_error(index: usize, reason: impl std::fmt::Display) -> ApiError {
 impl ImagePolicy {
     /// Decodes the `index`-th image of a request (the index only labels errors).
     pub fn load(&self, index: usize, url: &str) -> Result<RgbImage, ApiError> {
-        let name = format!("image {index}");
+        // The runtime labels it "image {name}".
+        let name = index.to_string();
         if let Some(rest) = url.strip_prefix("data:") {
             let bytes = decode_data_url(rest).map_err(|reason| image_error(index, reason))?;
             return decode_image(&bytes, &name, &self.limits).map_err(ApiError::from);
