@@ -33,7 +33,7 @@ pub struct GenerateArgs {
     /// 0 = greedy [default: the model's generation_config]
     #[arg(long)]
     pub temperature: Option<f32>,
-    /// Keep only the K most likely tokens [default: the model's generation_config, else off]
+    /// Keep only the K most likely tokens [default: the model's generation_config, else 50 when sampling]
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Nucleus sampling, in (0, 1] [default: the model's generation_config, else off]
@@ -52,6 +52,8 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
+const TRANSFORMERS_DEFAULT_TOP_K: usize = 50;
+
 /// Flags win; otherwise the checkpoint's generation_config; greedy when it does not sample.
 fn sampling_params(args: &GenerateArgs, defaults: &GenerationDefaults) -> SamplingParams {
     let samples = defaults.do_sample.unwrap_or(false);
@@ -62,7 +64,12 @@ fn sampling_params(args: &GenerateArgs, defaults: &GenerationDefaults) -> Sampli
     });
     SamplingParams {
         temperature,
-        top_k: args.top_k.or(if samples { defaults.top_k } else { None }),
+        // transformers samples with top_k = 50 when generation_config.json leaves it unset.
+        top_k: args.top_k.or(if samples {
+            Some(defaults.top_k.unwrap_or(TRANSFORMERS_DEFAULT_TOP_K))
+        } else {
+            None
+        }),
         top_p: args.top_p.or(if samples { defaults.top_p } else { None }),
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
