@@ -80,6 +80,41 @@ impl SessionOptions {
     }
 }
 
+/// Where a graph's inputs and outputs can live between runs: the device of the first provider that runs
+/// it. A decode loop that keeps its state on the device binds it with [`Device::memory_info`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda { device_id: i32 },
+}
+
+impl Device {
+    /// The device a provider list puts a graph on, once `active` providers registered.
+    pub fn of(active: &[Provider], device_id: u32) -> Device {
+        match active.first() {
+            Some(Provider::Cuda | Provider::TensorRt) => Device::Cuda {
+                device_id: device_id as i32,
+            },
+            Some(Provider::Cpu) | None => Device::Cpu,
+        }
+    }
+
+    /// ONNX Runtime's description of this device's default memory, for IoBinding and allocators.
+    pub fn memory_info(self) -> Result<ort::memory::MemoryInfo<'static>> {
+        use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+        let (device, id) = match self {
+            Device::Cpu => (AllocationDevice::CPU, 0),
+            Device::Cuda { device_id } => (AllocationDevice::CUDA, device_id),
+        };
+        Ok(MemoryInfo::new(
+            device,
+            id,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )?)
+    }
+}
+
 /// A graph's session. ONNX Runtime's `Run` needs exclusive access through `ort`, so the session sits
 /// behind a mutex: a model is shared by reference between requests, which interleave run by run.
 pub struct Graph {
@@ -87,6 +122,7 @@ pub struct Graph {
     pub spec: GraphSpec,
     session: Mutex<Session>,
     pub providers: Registered,
+    pub device: Device,
 }
 
 impl Graph {
@@ -118,6 +154,7 @@ impl Graph {
                         name,
                         spec: spec.clone(),
                         session: Mutex::new(session),
+                        device: Device::of(&registered.active, options.ep.device_id),
                         providers: registered,
                     });
                 }
@@ -404,6 +441,15 @@ mod tests {
             "outputs": [{"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "sequence", 64]}],
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn the_first_registered_provider_picks_the_device() {
+        assert_eq!(
+            Device::of(&[Provider::TensorRt, Provider::Cuda, Provider::Cpu], 1),
+            Device::Cuda { device_id: 1 }
+        );
+        assert_eq!(Device::of(&[Provider::Cpu], 1), Device::Cpu);
     }
 
     #[test]
