@@ -258,12 +258,11 @@ fn messages(input: Vec<api::Message>) -> Result<(Vec<ChatMessage>, Vec<String>),
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
-            other => return Err(ApiError::invalid_param(
-                "messages",
-                format!(
-                    "unsupported role {other:?} (expected system, developer, user or assistant)"
-                ),
-            )),
+            other => {
+                let expected = "expected system, developer, user or assistant";
+                let message = format!("unsupported role {other:?} ({expected})");
+                return Err(ApiError::invalid_param("messages", message));
+            }
         };
         let content = match message.content {
             None => Vec::new(),
