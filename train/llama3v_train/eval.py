@@ -1,0 +1,169 @@
+"""Accuracy of the shapes model on freshly generated images, in PyTorch and in the Rust runtime.
+
+    python -m llama3v_train.eval --checkpoint models-src/shapes --model /tmp/shapes-model --images 600
+
+Images come from a seed the training never uses (training uses seed 0). For every image and each of the three
+questions, PyTorch answers with transformers' greedy `generate` and the runtime with
+`llama3v generate --temperature 0 --json`; an answer is right when it is exactly the task's answer. The runtime's
+token ids must equal PyTorch's on every image and question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from transformers import LlavaForConditionalGeneration, LlavaProcessor, SiglipImageProcessorPil
+
+from .shapes import QUESTIONS, answer, make_sample
+
+EVAL_SEED = 1000
+REPO = Path(__file__).resolve().parents[2]
+IMAGE_PROCESSOR_KEYS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
+
+
+def load_processor(checkpoint: Path) -> LlavaProcessor:
+    """The checkpoint's processor with the image processor pinned to the PIL backend (as the runtime replicates)."""
+    proc = LlavaProcessor.from_pretrained(checkpoint)
+    settings = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    proc.image_processor = SiglipImageProcessorPil(**{k: settings[k] for k in IMAGE_PROCESSOR_KEYS})
+    return proc
+
+
+def torch_answers(checkpoint: Path, images: list[Path], question: str, batch: int = 100) -> list[list[int]]:
+    """Greedy answer token ids (stop token excluded) for each image. All prompts have the same length (one image,
+    the same question), so batches need no padding."""
+    from PIL import Image
+
+    proc = load_processor(checkpoint)
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
+    stops = set(model.generation_config.eos_token_id)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    out: list[list[int]] = []
+    for start in range(0, len(images), batch):
+        pil = [Image.open(p) for p in images[start : start + batch]]
+        inputs = proc(images=pil, text=[prompt] * len(pil), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            generated = model.generate(**inputs, do_sample=False, max_new_tokens=32)
+        for row in generated[:, inputs["input_ids"].shape[1] :].tolist():
+            ids = []
+            for token in row:
+                if token in stops:
+                    break
+                ids.append(token)
+            out.append(ids)
+    return out
+
+
+def runtime_answer(binary: str, model_dir: Path, image: Path, question: str) -> dict:
+    args = [binary, "generate", "--model", str(model_dir), "--image", str(image), "--prompt", question]
+    args += ["--temperature", "0", "--max-new-tokens", "32", "--json"]
+    done = subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def evaluate(checkpoint: Path, model_dir: Path | None, count: int, seed: int, workdir: Path, binary: str, log) -> dict:
+    samples = []
+    paths = []
+    for i in range(count):
+        sample = make_sample(seed, i)
+        path = workdir / f"eval_{i:04d}.png"
+        sample.image.save(path)
+        samples.append(sample)
+        paths.append(path)
+    log(f"{count} images (seed {seed}) in {workdir}")
+    proc = load_processor(checkpoint)
+    tok = proc.tokenizer
+    stops = set(LlavaForConditionalGeneration.from_pretrained(checkpoint).generation_config.eos_token_id)
+    results: dict = {"images": count, "seed": seed, "questions": {}}
+    for kind, question in QUESTIONS.items():
+        want = [answer(kind, s.shape, s.color, s.background) for s in samples]
+        t = time.time()
+        ids = torch_answers(checkpoint, paths, question)
+        texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
+        entry = {
+            "question": question,
+            "torch_accuracy": sum(a == w for a, w in zip(texts, want, strict=True)) / count,
+            "torch_seconds": round(time.time() - t, 1),
+            "torch_wrong": [
+                {"image": p.name, "want": w, "got": a} for p, a, w in zip(paths, texts, want, strict=True) if a != w
+            ][:20],
+        }
+        if model_dir is not None:
+            t = time.time()
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                rust = list(pool.map(lambda p, q=question: runtime_answer(binary, model_dir, p, q), paths))
+            rust_ids = [[i for i in r["tokens"] if i not in stops] for r in rust]
+            rust_texts = [r["text"] for r in rust]
+            mismatched = [p.name for p, a, b in zip(paths, ids, rust_ids, strict=True) if a != b]
+            entry.update(
+                {
+                    "rust_accuracy": sum(a == w for a, w in zip(rust_texts, want, strict=True)) / count,
+                    "rust_seconds": round(time.time() - t, 1),
+                    "rust_equals_torch": count - len(mismatched),
+                    "rust_mismatched_images": mismatched[:20],
+                }
+            )
+        results["questions"][kind] = entry
+        line = f"{question!r}: torch {entry['torch_accuracy']:.2%}"
+        if model_dir is not None:
+            line += f", rust {entry['rust_accuracy']:.2%}, rust tokens == torch tokens on "
+            line += f"{entry['rust_equals_torch']}/{count}"
+        log(line)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llama3v-train-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--model", type=Path, help="exported model directory for the Rust runtime (optional)")
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=EVAL_SEED)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--binary", default=os.environ.get("LLAMA3V_BIN", str(REPO / "target/release/llama3v")))
+    args = parser.parse_args(argv)
+    if args.seed == 0:
+        parser.error("seed 0 is the training set")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="llama3v-eval-") as tmp:
+        results = evaluate(
+            args.checkpoint, args.model, args.images, args.seed, Path(tmp), args.binary, lambda m: print(m, flush=True)
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    ok = all(q["torch_accuracy"] >= 0.97 for q in results["questions"].values())
+    if args.model is not None:
+        ok = ok and all(
+            q["rust_accuracy"] >= 0.97 and q["rust_equals_torch"] == args.images for q in results["questions"].values()
+        )
+    print(
+        f"goal (>= 97% on each question{', rust == torch on every image' if args.model else ''}): "
+        f"{'met' if ok else 'NOT met'}"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
