@@ -225,18 +225,40 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn max_abs(a: &[f32]) -> f64 {
-    a.iter().map(|x| f64::from(x.abs())).fold(0.0, f64::max)
-}
-
-fn argmax(row: &[f32]) -> Option<u32> {
+/// Index of the largest value (the first on ties), as greedy decoding picks it.
+pub fn argmax(row: &[f32]) -> Option<usize> {
     let mut best: Option<(usize, f32)> = None;
     for (i, &v) in row.iter().enumerate() {
         if best.is_none_or(|(_, b)| v > b) {
             best = Some((i, v));
         }
     }
-    best.map(|(i, _)| i as u32)
+    best.map(|(i, _)| i)
+}
+
+/// Max abs diff of two outputs, or relative to `b`'s largest magnitude when the tolerances are relative.
+pub fn measure(stage: &str, a: &[f32], b: &[f32], tolerance: f32, relative: bool) -> Measure {
+    let diff = max_abs_diff(a, b);
+    let (measured, detail) = if relative {
+        let scale = b
+            .iter()
+            .map(|x| f64::from(x.abs()))
+            .fold(0.0, f64::max)
+            .max(f64::MIN_POSITIVE);
+        (
+            diff / scale,
+            format!("max abs diff {diff:.3e}, relative to max |reference| {scale:.3e}"),
+        )
+    } else {
+        (diff, "max abs diff".to_string())
+    };
+    Measure {
+        stage: stage.into(),
+        measured,
+        tolerance: f64::from(tolerance),
+        pass: measured <= f64::from(tolerance),
+        detail,
+    }
 }
 
 impl Model {
@@ -259,24 +281,15 @@ impl Model {
     fn check_case(&self, case: &ReferenceCase, tol: Tolerances) -> Result<CaseReport> {
         let reference = load_tensors(&self.dir, case)?;
         let mut measures = Vec::new();
+        // Pixel values are compared absolutely whatever the dtype: preprocessing runs in f32 either way.
         let compare = |stage: &str, ours: &[f32], theirs: &[f32], tolerance: f32| {
-            let diff = max_abs_diff(ours, theirs);
-            let (measured, detail) = if tol.relative && stage != "pixel_values" {
-                let scale = max_abs(theirs).max(f64::MIN_POSITIVE);
-                (
-                    diff / scale,
-                    format!("max abs diff {diff:.3e}, relative to max |ref| {scale:.3e}"),
-                )
-            } else {
-                (diff, "max abs diff".to_string())
-            };
-            Measure {
-                stage: stage.into(),
-                measured,
-                tolerance: f64::from(tolerance),
-                pass: measured <= f64::from(tolerance),
-                detail,
-            }
+            measure(
+                stage,
+                ours,
+                theirs,
+                tolerance,
+                tol.relative && stage != "pixel_values",
+            )
         };
 
         // Tokenization and chat template.
@@ -356,7 +369,7 @@ impl Model {
                 worst = m.measured;
                 worst_step = step;
             }
-            if argmax(&logits) == Some(token) {
+            if argmax(&logits) == Some(token as usize) {
                 agreement += 1;
             }
         }

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::check::{load_reference, max_abs_diff, Measure, Tolerances, REFERENCE_DIR};
+use crate::check::{argmax, load_reference, measure, Measure, Tolerances, REFERENCE_DIR};
 use crate::error::Result;
 use crate::manifest::resolve_inside;
 use crate::model::Model;
@@ -50,42 +50,6 @@ impl ProviderComparison {
             .flat_map(|c| c.measures.iter())
             .filter(move |m| m.stage == stage)
             .map(|m| m.measured)
-    }
-}
-
-/// Index of the largest value (the first on ties), as greedy decoding picks it.
-pub fn argmax(row: &[f32]) -> Option<usize> {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &v) in row.iter().enumerate() {
-        if best.is_none_or(|(_, b)| v > b) {
-            best = Some((i, v));
-        }
-    }
-    best.map(|(i, _)| i)
-}
-
-/// Max abs diff of two outputs, or relative to `b`'s largest magnitude when the tolerances are relative.
-fn measure(stage: &str, a: &[f32], b: &[f32], tolerance: f32, relative: bool) -> Measure {
-    let diff = max_abs_diff(a, b);
-    let (measured, detail) = if relative {
-        let scale = b
-            .iter()
-            .map(|x| f64::from(x.abs()))
-            .fold(0.0, f64::max)
-            .max(f64::MIN_POSITIVE);
-        (
-            diff / scale,
-            format!("max abs diff {diff:.3e}, relative to max |b| {scale:.3e}"),
-        )
-    } else {
-        (diff, "max abs diff".to_string())
-    };
-    Measure {
-        stage: stage.into(),
-        measured,
-        tolerance: f64::from(tolerance),
-        pass: measured <= f64::from(tolerance),
-        detail,
     }
 }
 
