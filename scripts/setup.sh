@@ -47,15 +47,22 @@ fi
 echo "== building the runtime and CLI (release)"
 cargo build --release --quiet
 
+if ! "$py" -c "import llama3v_train" 2>/dev/null; then
+    "$py" -m pip install -q --no-deps -e train
+fi
+
 model=models/default
-if [ ! -f "$model/manifest.json" ]; then
-    # No trained default model ships yet: the default is a tiny random-weight checkpoint, so its answers
-    # are gibberish; it exercises the whole pipeline.
-    echo "== exporting the default model (tiny random-weight checkpoint) to $model"
-    "$venv/bin/llama3v-tiny" --preset tiny-a --out models/default-checkpoint
-    "$venv/bin/llama3v-export" --checkpoint models/default-checkpoint --out "$model" --reference
+# The default model is the small trained shapes model committed in models-src/shapes (train/README.md):
+# it answers questions about one colored shape on a plain background. The export is redone when the
+# committed weights change (or the directory came from an older default), told by their checksum.
+weights_sum=$(sha256sum models-src/shapes/model.safetensors | cut -d' ' -f1)
+if [ ! -f "$model/manifest.json" ] || [ "$(cat "$model/.source-sha256" 2>/dev/null)" != "$weights_sum" ]; then
+    echo "== exporting the default model (models-src/shapes, the trained shapes model) to $model"
+    rm -rf "$model"
+    "$venv/bin/llama3v-export" --checkpoint models-src/shapes --out "$model" --reference
+    echo "$weights_sum" >"$model/.source-sha256"
 fi
-if [ ! -f models/example.png ]; then
-    "$py" -c "from PIL import Image; from skimage import data; Image.fromarray(data.chelsea()).save('models/example.png')"
+if [ ! -f models/example-shape.png ]; then
+    "$py" -c "import sys; sys.path.insert(0, 'train'); from llama3v_train.shapes import make_sample; make_sample(3000, 0).image.save('models/example-shape.png')"
 fi
-echo "== setup done: ./target/release/llama3v generate --image models/example.png --prompt 'What is in this image?'"
+echo "== setup done: ./target/release/llama3v generate --image models/example-shape.png --prompt 'What color is the shape?'"

@@ -42,7 +42,7 @@ class Stage:
 
 STAGES = (
     Stage(
-        "0-joint", ("model.vision_tower", "model.multi_modal_projector", "model.language_model", "lm_head"), 2000, 2e-3
+        "0-joint", ("model.vision_tower", "model.multi_modal_projector", "model.language_model", "lm_head"), 3500, 1e-3
     ),
     Stage("1-projector", ("model.multi_modal_projector",), 300, 1e-3),
     Stage("2-language-model", ("model.language_model", "lm_head"), 600, 5e-4),
