@@ -83,6 +83,15 @@ def runtime_answer(binary: str, model_dir: Path, image: Path, question: str) -> 
     return json.loads(done.stdout)
 
 
+def part_accuracy(kind: str, texts: list[str], samples: list) -> dict[str, float]:
+    parts = {"shape": ("shape",), "color": ("color",), "describe": ("shape", "color", "background")}[kind]
+    out = {}
+    for part in parts:
+        hits = sum(f" {getattr(s, part)}" in f" {t.lower()}" for t, s in zip(texts, samples, strict=True))
+        out[part] = hits / len(samples)
+    return out
+
+
 def evaluate(checkpoint: Path, model_dir: Path | None, count: int, seed: int, workdir: Path, binary: str, log) -> dict:
     samples = []
     paths = []
@@ -105,6 +114,8 @@ def evaluate(checkpoint: Path, model_dir: Path | None, count: int, seed: int, wo
         entry = {
             "question": question,
             "torch_accuracy": sum(a == w for a, w in zip(texts, want, strict=True)) / count,
+            # Which part of the answer is right: the shape, color and background words where the question asks them.
+            "torch_parts": part_accuracy(kind, texts, samples),
             "torch_seconds": round(time.time() - t, 1),
             "torch_wrong": [
                 {"image": p.name, "want": w, "got": a} for p, a, w in zip(paths, texts, want, strict=True) if a != w
@@ -126,7 +137,8 @@ def evaluate(checkpoint: Path, model_dir: Path | None, count: int, seed: int, wo
                 }
             )
         results["questions"][kind] = entry
-        line = f"{question!r}: torch {entry['torch_accuracy']:.2%}"
+        parts = ", ".join(f"{k} {v:.2%}" for k, v in entry["torch_parts"].items())
+        line = f"{question!r}: torch {entry['torch_accuracy']:.2%} ({parts})"
         if model_dir is not None:
             line += f", rust {entry['rust_accuracy']:.2%}, rust tokens == torch tokens on "
             line += f"{entry['rust_equals_torch']}/{count}"
