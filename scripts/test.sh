@@ -11,8 +11,8 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --release --all-targets --quiet -- -D warnings
 echo "== ruff"
-.venv/bin/ruff check export tests
-.venv/bin/ruff format --check export tests
+.venv/bin/ruff check export train tests scripts
+.venv/bin/ruff format --check export train tests scripts
 echo "== cargo test"
 cargo test --release --quiet
 echo "== pytest"

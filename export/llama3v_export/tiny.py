@@ -205,14 +205,13 @@ def _add_json_fields(path: Path, fields: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def write_processor_files(preset: Preset, out: Path) -> None:
+def write_processor_files(proc: LlavaProcessor, out: Path) -> None:
     """Processor files in the layouts real checkpoints use.
 
     transformers 5 writes tokenizer.json, tokenizer_config.json, processor_config.json (image processor nested)
     and chat_template.jinja. Older tools read the template from tokenizer_config.json / processor_config.json and
     the image settings from a standalone preprocessor_config.json, so those are written too.
     """
-    proc = processor(preset)
     proc.save_pretrained(out)
     _add_json_fields(out / "tokenizer_config.json", {"chat_template": CHAT_TEMPLATE})
     _add_json_fields(out / "processor_config.json", {"chat_template": CHAT_TEMPLATE})
@@ -229,7 +228,7 @@ def make_checkpoint(preset_name: str, out: Path, seed: int = 0) -> Path:
     randomize_(model, WEIGHT_GAIN, seed)
     model.generation_config = generation_config()
     model.save_pretrained(out, safe_serialization=True)
-    write_processor_files(preset, out)
+    write_processor_files(processor(preset), out)
     return out
 
 

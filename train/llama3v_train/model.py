@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
+from llama3v_export.tiny import CHAT_TEMPLATE
 from transformers import (
     GenerationConfig,
     LlamaConfig,
@@ -16,18 +14,6 @@ from transformers import (
 )
 
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, EOT_TOKEN, IMAGE_TOKEN, build_tokenizer
-
-# The chat template of Llama-3-Instruct LLaVA checkpoints (the same as llama3v_export.tiny's).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] | trim }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}"
-    "{% endfor %}{% endif %}{{ '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 16
@@ -116,18 +102,3 @@ def generation_config(proc: LlavaProcessor) -> GenerationConfig:
         do_sample=False,
         max_new_tokens=32,
     )
-
-
-def _add_json_fields(path: Path, fields: dict) -> None:
-    data = json.loads(path.read_text())
-    data.update(fields)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def write_processor_files(proc: LlavaProcessor, out: Path) -> None:
-    """The processor files in the layouts real checkpoints use (as llama3v_export.tiny writes them)."""
-    proc.save_pretrained(out)
-    _add_json_fields(out / "tokenizer_config.json", {"chat_template": CHAT_TEMPLATE})
-    _add_json_fields(out / "processor_config.json", {"chat_template": CHAT_TEMPLATE})
-    image_processor = json.loads((out / "processor_config.json").read_text())["image_processor"]
-    (out / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2) + "\n")

@@ -21,9 +21,10 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import torch
+from llama3v_export.tiny import write_processor_files
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from .model import TOKENS_PER_IMAGE, generation_config, llava_config, processor, write_processor_files
+from .model import TOKENS_PER_IMAGE, generation_config, llava_config, processor
 from .shapes import QUESTIONS, answer, make_sample, question_for
 
 TRAIN_SEED = 0
