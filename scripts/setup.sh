@@ -44,6 +44,17 @@ PYEOF
     fi
 fi
 
+if ! command -v nasm >/dev/null 2>&1; then
+    # libjpeg-turbo (the JPEG decoder Pillow uses, built from source by mozjpeg-sys) needs NASM for its
+    # SIMD paths.
+    echo "== installing nasm"
+    if [ "$(id -u)" -eq 0 ]; then
+        apt-get update -qq && apt-get install -y -qq nasm >/dev/null
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq nasm >/dev/null
+    fi
+fi
+
 echo "== building the runtime and CLI (release)"
 cargo build --release --quiet
 
