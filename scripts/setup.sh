@@ -49,7 +49,7 @@ if ! command -v nasm >/dev/null 2>&1; then
     # SIMD paths.
     echo "== installing nasm"
     if [ "$(id -u)" -eq 0 ]; then
-        apt-get update -qq && apt-get install -y -qq nasm >/dev/null
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nasm >/dev/null
     else
         sudo apt-get update -qq && sudo apt-get install -y -qq nasm >/dev/null
     fi
