@@ -132,7 +132,7 @@ def graph_specs(dims: Dims, float_dtype: str) -> dict[str, GraphSpec]:
             *(TensorSpec(n, f, kv_past) for n in past_names(d.num_layers)),
         ),
         (
-            TensorSpec("logits", f, ("batch", "sequence", d.vocab_size)),
+            TensorSpec("logits", f, ("batch", 1, d.vocab_size)),
             *(TensorSpec(n, f, kv_total) for n in present_names(d.num_layers)),
         ),
     )
@@ -196,6 +196,9 @@ class DecoderGraph(torch.nn.Module):
             cache=cache,
             use_cache=True,
             return_dict=True,
+            # Only the last position's logits are ever sampled from: the LM head over every prompt position
+            # would dominate prefill and its [S, vocab] output the memory peak.
+            logits_to_keep=1,
         )
         present = [t for layer in outputs.cache.layers for t in (layer.keys, layer.values)]
         return (outputs.logits, *present)

@@ -102,6 +102,7 @@ def _torch_reference(model: LlavaForConditionalGeneration, dims: Dims, graph: st
             cache=cache,
             use_cache=True,
             return_dict=True,
+            logits_to_keep=1,
         )
         present = [t.numpy() for layer in out.cache.layers for t in (layer.keys, layer.values)]
         return [out.logits.numpy(), *present]

@@ -1,7 +1,7 @@
 //! One decoder run: new embeddings + the cache in, logits + the grown cache out.
 //
 // inputs_embeds [1,S,D], attention_mask [1,P+S], position_ids [1,S], past.{i} [1,KV,P,Hd]
-//   -> logits [1,S,V], present.{i} [1,KV,P+S,Hd]
+//   -> logits [1,1,V] (last position), present.{i} [1,KV,P+S,Hd]
 
 use std::borrow::Cow;
 use std::time::Instant;
