@@ -172,14 +172,11 @@ def generation_config() -> GenerationConfig:
     )
 
 
-def processor(preset: Preset) -> LlavaProcessor:
-    """Tokenizer + SigLIP image processor (PIL backend) + chat template, as a LLaVA processor."""
-    converted = build_tokenizer()
-    check_against_tiktoken(converted)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=BOS_TOKEN, eos_token=EOT_TOKEN)
-    image_processor = SiglipImageProcessorPil(
+def siglip_image_processor(image_size: int) -> SiglipImageProcessorPil:
+    """SigLIP's preprocessing (PIL backend): bicubic resize to a square, rescale 1/255, mean/std 0.5."""
+    return SiglipImageProcessorPil(
         do_resize=True,
-        size={"height": preset.image_size, "width": preset.image_size},
+        size={"height": image_size, "width": image_size},
         resample=3,
         do_rescale=True,
         rescale_factor=1 / 255,
@@ -188,6 +185,14 @@ def processor(preset: Preset) -> LlavaProcessor:
         image_std=[0.5, 0.5, 0.5],
         do_convert_rgb=True,
     )
+
+
+def processor(preset: Preset) -> LlavaProcessor:
+    """Tokenizer + SigLIP image processor (PIL backend) + chat template, as a LLaVA processor."""
+    converted = build_tokenizer()
+    check_against_tiktoken(converted)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=BOS_TOKEN, eos_token=EOT_TOKEN)
+    image_processor = siglip_image_processor(preset.image_size)
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from llama3v_export.tiny import CHAT_TEMPLATE
+from llama3v_export.tiny import CHAT_TEMPLATE, siglip_image_processor
 from transformers import (
     GenerationConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaProcessor,
     PreTrainedTokenizerFast,
-    SiglipImageProcessorPil,
     SiglipVisionConfig,
 )
 
@@ -26,17 +25,7 @@ def processor() -> LlavaProcessor:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=build_tokenizer(), bos_token=BOS_TOKEN, eos_token=EOT_TOKEN, pad_token=EOS_TOKEN
     )
-    image_processor = SiglipImageProcessorPil(
-        do_resize=True,
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        resample=3,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        do_convert_rgb=True,
-    )
+    image_processor = siglip_image_processor(IMAGE_SIZE)
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
