@@ -7,6 +7,17 @@ cd "$(dirname "$0")/.."
 
 venv=.venv
 py=$venv/bin/python
+
+# A fresh setup needs about 13 GiB: .venv (torch with its CUDA libraries) about 6, pip's cache of the
+# wheels about 3, the Rust build about 3.5. Say so plainly instead of failing in the middle of an install.
+need_gib=13
+if [ ! -x "$py" ] || [ ! -d target/release ]; then
+    free_gib=$(df -Pk . | awk 'NR == 2 { print int($4 / 1048576) }')
+    if [ "$free_gib" -lt "$need_gib" ]; then
+        echo "setup: only ${free_gib} GiB free on $(df -P . | awk 'NR == 2 { print $6 }'); a fresh setup needs about ${need_gib} GiB" >&2
+        exit 1
+    fi
+fi
 if [ ! -x "$py" ]; then
     echo "== creating $venv"
     python3 -m venv "$venv"
