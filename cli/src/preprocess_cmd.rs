@@ -6,9 +6,12 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use llama3v::preprocess::{load_image, pixel_values, DecodeLimits, PreprocessConfig};
+use llama3v::preprocess::{
+    load_image_timed, pixel_values_timed, DecodeLimits, PreprocessConfig, StageTimes,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct PreprocessArgs {
@@ -30,6 +33,17 @@ pub struct PreprocessArgs {
     /// Factor applied to the 0..255 levels before normalizing.
     #[arg(long, default_value_t = 1.0 / 255.0)]
     pub rescale: f32,
+    /// After writing the output, run the whole preprocessing (read, decode, convert,
+    /// resize, normalize) this many more times in this process and print the median
+    /// time of each stage.
+    #[arg(long, default_value_t = 0)]
+    pub repeat: usize,
+    /// With --repeat: print the timings as one JSON object instead of a table.
+    #[arg(long, requires = "repeat")]
+    pub json: bool,
+    /// Threads for the resize (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
@@ -65,6 +79,14 @@ fn parse_triple(s: &str) -> Result<[f32; 3], String> {
 }
 
 pub fn run(args: &PreprocessArgs) -> anyhow::Result<()> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build()
+        .context("starting the preprocessing threads")?;
+    pool.install(|| run_in_pool(args))
+}
+
+fn run_in_pool(args: &PreprocessArgs) -> anyhow::Result<()> {
     let (height, width) = args.size;
     if args.std.contains(&0.0) {
         bail!("--std must not contain 0");
@@ -79,10 +101,69 @@ pub fn run(args: &PreprocessArgs) -> anyhow::Result<()> {
         mean: args.mean,
         std: args.std,
     };
-    let img = load_image(&args.image, &DecodeLimits::default())?;
-    let values = pixel_values(&img, &cfg);
+    let limits = DecodeLimits::default();
+    let preprocess = |times: &mut StageTimes| -> anyhow::Result<Vec<f32>> {
+        let img = load_image_timed(&args.image, &limits, times)?;
+        Ok(pixel_values_timed(&img, &cfg, times))
+    };
+    let values = preprocess(&mut StageTimes::default())?;
     write_npy(&args.out, &[3, height as usize, width as usize], &values)
-        .with_context(|| format!("writing {}", args.out.display()))
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    drop(values);
+    if args.repeat > 0 {
+        let mut runs = Vec::with_capacity(args.repeat);
+        for _ in 0..args.repeat {
+            let mut times = StageTimes::default();
+            preprocess(&mut times)?;
+            runs.push(times);
+        }
+        print_timings(&runs, args.json);
+    }
+    Ok(())
+}
+
+/// Median of the values `stage` picks out of each run, in milliseconds.
+fn median_ms(runs: &[StageTimes], stage: impl Fn(&StageTimes) -> Duration) -> f64 {
+    let mut ms: Vec<f64> = runs.iter().map(|t| stage(t).as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    match ms.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => ms[n / 2],
+        n => (ms[n / 2 - 1] + ms[n / 2]) / 2.0,
+    }
+}
+
+fn print_timings(runs: &[StageTimes], json: bool) {
+    type Stage = (&'static str, fn(&StageTimes) -> Duration);
+    let stages: [Stage; 6] = [
+        ("read", |t| t.read),
+        ("decode", |t| t.decode),
+        ("convert", |t| t.convert),
+        ("resize", |t| t.resize),
+        ("normalize", |t| t.normalize),
+        ("total", StageTimes::total),
+    ];
+    if json {
+        let medians: serde_json::Map<String, serde_json::Value> = stages
+            .iter()
+            .map(|(name, f)| (name.to_string(), median_ms(runs, f).into()))
+            .collect();
+        let report = serde_json::json!({
+            "runs": runs.len(),
+            "threads": rayon::current_num_threads(),
+            "median_ms": medians,
+        });
+        println!("{report}");
+    } else {
+        println!(
+            "median of {} runs, {} thread(s):",
+            runs.len(),
+            rayon::current_num_threads()
+        );
+        for (name, f) in stages {
+            println!("  {name:<10} {:>9.3} ms", median_ms(runs, f));
+        }
+    }
 }
 
 /// Writes a little-endian float32 C-order array in NumPy's `.npy` format (version 1.0).

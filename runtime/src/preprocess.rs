@@ -44,10 +44,15 @@ use std::cell::Cell;
 use std::io::{BufRead, Cursor, Read};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, RgbImage};
 
 use crate::{Error, Result};
+
+mod resize;
+
+pub use resize::resize_bicubic;
 
 /// Everything the vision tower's preprocessing needs; mirrors `preprocessor_config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +107,35 @@ impl Default for DecodeLimits {
     }
 }
 
+/// Wall time spent in each preprocessing stage, added up over the calls that were given it.
+///
+/// `read` is reading the file, `decode` the image decoder (to its native pixel layout),
+/// `convert` turning that into 8-bit RGB (alpha compositing, CMYK, 16-bit), `resize` the
+/// bicubic resize and `normalize` rescaling and normalizing into the channel-major output.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StageTimes {
+    pub read: Duration,
+    pub decode: Duration,
+    pub convert: Duration,
+    pub resize: Duration,
+    pub normalize: Duration,
+}
+
+impl StageTimes {
+    pub fn total(&self) -> Duration {
+        self.read + self.decode + self.convert + self.resize + self.normalize
+    }
+}
+
+/// Runs `f`, adding its wall time to `slot`.
+#[inline]
+fn timed<T>(slot: &mut Duration, f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let out = f();
+    *slot += start.elapsed();
+    out
+}
+
 fn image_error(source_name: &str, reason: impl Into<String>) -> Error {
     Error::Image {
         source_name: source_name.to_string(),
@@ -127,6 +161,16 @@ fn describe(e: ImageError, limits: &DecodeLimits) -> String {
 /// `source_name` only labels errors. Transparency is composited over white; EXIF
 /// orientation is ignored (see the module documentation).
 pub fn decode_image(bytes: &[u8], source_name: &str, limits: &DecodeLimits) -> Result<RgbImage> {
+    decode_image_timed(bytes, source_name, limits, &mut StageTimes::default())
+}
+
+/// [`decode_image`], adding the time of its stages to `times`.
+pub fn decode_image_timed(
+    bytes: &[u8],
+    source_name: &str,
+    limits: &DecodeLimits,
+    times: &mut StageTimes,
+) -> Result<RgbImage> {
     if bytes.is_empty() {
         return Err(image_error(source_name, "empty input (0 bytes)"));
     }
@@ -155,10 +199,13 @@ pub fn decode_image(bytes: &[u8], source_name: &str, limits: &DecodeLimits) -> R
     // unwinding too, with the message as payload.
     let decoded = catch_unwind(AssertUnwindSafe(|| {
         if format == ImageFormat::Jpeg {
-            decode_jpeg(bytes, limits)
+            decode_jpeg(bytes, limits, times)
         } else {
             let grey_png = format == ImageFormat::Png && png_color_type(bytes) == Some(0);
-            decode_dynamic(bytes, format, limits).map(|img| to_rgb_like_pillow(img, grey_png))
+            let img = timed(&mut times.decode, || decode_dynamic(bytes, format, limits))?;
+            Ok(timed(&mut times.convert, || {
+                to_rgb_like_pillow(img, grey_png)
+            }))
         }
     }))
     .unwrap_or_else(|payload| Err(unwind_reason(payload)));
@@ -274,7 +321,34 @@ fn adobe_cmyk_to_rgb(px: &[u8]) -> [u8; 3] {
     [channel(px[0]), channel(px[1]), channel(px[2])]
 }
 
-fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<RgbImage, String> {
+fn decode_jpeg(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    times: &mut StageTimes,
+) -> std::result::Result<RgbImage, String> {
+    let start = Instant::now();
+    let (pixels, width, height, cmyk) = decode_jpeg_pixels(bytes, limits)?;
+    times.decode += start.elapsed();
+    let rgb = timed(&mut times.convert, || {
+        if cmyk {
+            let mut rgb = Vec::with_capacity(pixels.len() / 4 * 3);
+            for px in pixels.chunks_exact(4) {
+                rgb.extend_from_slice(&adobe_cmyk_to_rgb(px));
+            }
+            rgb
+        } else {
+            pixels
+        }
+    });
+    RgbImage::from_raw(width, height, rgb)
+        .ok_or_else(|| "JPEG decoder returned a short image".to_string())
+}
+
+/// libjpeg's output: RGB, or Adobe-inverted CMYK when the last value is true.
+fn decode_jpeg_pixels(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+) -> std::result::Result<(Vec<u8>, u32, u32, bool), String> {
     use mozjpeg::ColorSpace;
 
     let hit_eof = Cell::new(false);
@@ -324,18 +398,7 @@ fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> std::result::Result<RgbIm
     if hit_eof.get() {
         return Err("truncated JPEG data: the file ends before the image does".to_string());
     }
-
-    let rgb = if cmyk {
-        let mut rgb = Vec::with_capacity(pixels.len() / 4 * 3);
-        for px in pixels.chunks_exact(4) {
-            rgb.extend_from_slice(&adobe_cmyk_to_rgb(px));
-        }
-        rgb
-    } else {
-        pixels
-    };
-    let (w, h) = (width as u32, height as u32);
-    RgbImage::from_raw(w, h, rgb).ok_or_else(|| "JPEG decoder returned a short image".to_string())
+    Ok((pixels, width as u32, height as u32, cmyk))
 }
 
 fn decode_dynamic(
@@ -366,6 +429,15 @@ fn decode_dynamic(
 
 /// Reads and decodes an image file; see [`decode_image`].
 pub fn load_image(path: &Path, limits: &DecodeLimits) -> Result<RgbImage> {
+    load_image_timed(path, limits, &mut StageTimes::default())
+}
+
+/// [`load_image`], adding the time of its stages to `times`.
+pub fn load_image_timed(
+    path: &Path,
+    limits: &DecodeLimits,
+    times: &mut StageTimes,
+) -> Result<RgbImage> {
     let source_name = path.display().to_string();
     let len = std::fs::metadata(path)
         .map_err(|e| Error::io(path, e))?
@@ -380,8 +452,8 @@ pub fn load_image(path: &Path, limits: &DecodeLimits) -> Result<RgbImage> {
             ),
         ));
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_image(&bytes, &source_name, limits)
+    let bytes = timed(&mut times.read, || std::fs::read(path)).map_err(|e| Error::io(path, e))?;
+    decode_image_timed(&bytes, &source_name, limits, times)
 }
 
 /// Pillow's `alpha_composite(white, src)` for one channel: `AlphaComposite.c` with the
@@ -489,195 +561,6 @@ fn to_rgb_like_pillow(img: DynamicImage, grey_png: bool) -> RgbImage {
     }
 }
 
-/// Fixed-point fraction bits of Pillow's 8-bit resampling (`32 - 8 - 2`).
-const PRECISION_BITS: u32 = 22;
-
-/// Pillow's `bicubic_filter` with `a = -0.5`, written in the same operation order.
-#[inline]
-fn bicubic(x: f64) -> f64 {
-    const A: f64 = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        (((x - 5.0) * x + 8.0) * x - 4.0) * A
-    } else {
-        0.0
-    }
-}
-
-/// Per-output-pixel filter taps along one axis, as `precompute_coeffs` +
-/// `normalize_coeffs_8bpc` compute them.
-struct Taps {
-    /// First input index and number of taps for each output index.
-    bounds: Vec<(usize, usize)>,
-    /// `ksize` fixed-point coefficients per output index.
-    coeffs: Vec<i32>,
-    ksize: usize,
-}
-
-impl Taps {
-    fn new(in_size: u32, out_size: u32) -> Taps {
-        const SUPPORT: f64 = 2.0;
-        // Pillow takes the box edges as C floats.
-        let scale = f64::from(in_size as f32) / f64::from(out_size);
-        let filterscale = scale.max(1.0);
-        let support = SUPPORT * filterscale;
-        let ksize = support.ceil() as usize * 2 + 1;
-        let ss = 1.0 / filterscale;
-        let in_len = i64::from(in_size);
-
-        let mut bounds = Vec::with_capacity(out_size as usize);
-        let mut coeffs = vec![0i32; out_size as usize * ksize];
-        let mut weights = vec![0f64; ksize];
-        for (xx, k) in coeffs.chunks_exact_mut(ksize).enumerate() {
-            let center = (xx as f64 + 0.5) * scale;
-            // `(int)` in C truncates toward zero, as `as` does.
-            let xmin = ((center - support + 0.5) as i64).max(0);
-            let xmax = ((center + support + 0.5) as i64).min(in_len);
-            let count = (xmax - xmin).clamp(0, ksize as i64) as usize;
-            let mut ww = 0.0;
-            for (x, w) in weights.iter_mut().take(count).enumerate() {
-                *w = bicubic(((x as i64 + xmin) as f64 - center + 0.5) * ss);
-                ww += *w;
-            }
-            for (w, c) in weights.iter().take(count).zip(k.iter_mut()) {
-                let w = if ww != 0.0 { w / ww } else { *w };
-                let fixed = w * f64::from(1u32 << PRECISION_BITS);
-                *c = if w < 0.0 {
-                    (fixed - 0.5) as i32
-                } else {
-                    (fixed + 0.5) as i32
-                };
-            }
-            bounds.push((xmin as usize, count));
-        }
-        Taps {
-            bounds,
-            coeffs,
-            ksize,
-        }
-    }
-
-    fn taps(&self, i: usize) -> (usize, &[i32]) {
-        let (start, count) = self.bounds[i];
-        (start, &self.coeffs[i * self.ksize..i * self.ksize + count])
-    }
-}
-
-/// Rounding bias added before the fixed-point sum is shifted back to 8 bits.
-const HALF: i32 = 1 << (PRECISION_BITS - 1);
-
-#[inline]
-fn clip8(acc: i32) -> u8 {
-    (acc >> PRECISION_BITS).clamp(0, 255) as u8
-}
-
-/// Resizes like Pillow's `Image.resize((width, height), Image.BICUBIC)` on an RGB image.
-///
-/// Bit-exact with Pillow 13's C implementation (`ImagingResampleInner`), including its
-/// choice of pass order. A zero target size gives an empty image, an empty source a black
-/// one.
-pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
-    let (in_w, in_h) = img.dimensions();
-    if (in_w, in_h) == (width, height) {
-        return img.clone();
-    }
-    if width == 0 || height == 0 || in_w == 0 || in_h == 0 {
-        // Nothing to sample from (or nothing to fill); decoded images are never empty.
-        return RgbImage::new(width, height);
-    }
-    let src = img.as_raw();
-    let need_horizontal = in_w != width;
-    let need_vertical = in_h != height;
-    // Pillow 13 runs the vertical pass first when the height shrinks by more than twice
-    // as many pixels as the width does (Pillow <= 12 always went horizontal first). The
-    // order matters: the intermediate image is rounded to 8 bits.
-    let shrink_h = i64::from(in_h) - i64::from(height);
-    let shrink_w = i64::from(in_w) - i64::from(width);
-    let horizontal_first = !(shrink_h > 0 && shrink_h > shrink_w * 2);
-
-    let vert = Taps::new(in_h, height);
-    let out = if horizontal_first {
-        if need_horizontal {
-            // Only the input rows the vertical pass reads go through the horizontal pass.
-            let row_first = vert.bounds.first().map_or(0, |b| b.0);
-            let row_last = vert.bounds.last().map_or(0, |b| b.0 + b.1);
-            let stride = in_w as usize * 3;
-            let rows = &src[row_first * stride..row_last * stride];
-            let mid = horizontal_pass(rows, in_w, &Taps::new(in_w, width));
-            if need_vertical {
-                vertical_pass(&mid, width, row_first, &vert)
-            } else {
-                mid
-            }
-        } else {
-            vertical_pass(src, in_w, 0, &vert)
-        }
-    } else {
-        let mid = vertical_pass(src, in_w, 0, &vert);
-        if need_horizontal {
-            horizontal_pass(&mid, in_w, &Taps::new(in_w, width))
-        } else {
-            mid
-        }
-    };
-    RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
-}
-
-/// Resamples every row of `src` (rows of `in_w` RGB pixels) to `taps.bounds.len()` pixels.
-fn horizontal_pass(src: &[u8], in_w: u32, taps: &Taps) -> Vec<u8> {
-    let in_stride = in_w as usize * 3;
-    let out_stride = taps.bounds.len() * 3;
-    if in_stride == 0 {
-        return Vec::new();
-    }
-    let mut out = vec![0u8; src.len() / in_stride * out_stride];
-    for (row, out_row) in src
-        .chunks_exact(in_stride)
-        .zip(out.chunks_exact_mut(out_stride))
-    {
-        for (xx, px) in out_row.chunks_exact_mut(3).enumerate() {
-            let (start, k) = taps.taps(xx);
-            let (mut r, mut g, mut b) = (HALF, HALF, HALF);
-            for (p, &c) in row[start * 3..].chunks_exact(3).zip(k) {
-                r = r.wrapping_add(i32::from(p[0]).wrapping_mul(c));
-                g = g.wrapping_add(i32::from(p[1]).wrapping_mul(c));
-                b = b.wrapping_add(i32::from(p[2]).wrapping_mul(c));
-            }
-            px[0] = clip8(r);
-            px[1] = clip8(g);
-            px[2] = clip8(b);
-        }
-    }
-    out
-}
-
-/// Resamples the columns of `src` (rows of `width` RGB pixels, the first of which is input
-/// row `row_offset`) to `taps.bounds.len()` rows.
-fn vertical_pass(src: &[u8], width: u32, row_offset: usize, taps: &Taps) -> Vec<u8> {
-    let stride = width as usize * 3;
-    let mut out = vec![0u8; taps.bounds.len() * stride];
-    // Summing whole rows (instead of one column at a time, as Pillow does) reads memory
-    // in order; integer addition makes the result identical.
-    let mut acc = vec![0i32; stride];
-    for (yy, out_row) in out.chunks_exact_mut(stride.max(1)).enumerate() {
-        let (start, k) = taps.taps(yy);
-        acc.fill(HALF);
-        for (y, &c) in k.iter().enumerate() {
-            let row_start = (start + y - row_offset) * stride;
-            let row = &src[row_start..row_start + stride];
-            for (a, &p) in acc.iter_mut().zip(row) {
-                *a = a.wrapping_add(i32::from(p).wrapping_mul(c));
-            }
-        }
-        for (o, &a) in out_row.iter_mut().zip(&acc) {
-            *o = clip8(a);
-        }
-    }
-    out
-}
-
 /// The `f64` rescale factor transformers would use for a config value stored as `f32`.
 ///
 /// transformers computes `float32(float64(x) * factor)` with the float64 from the JSON;
@@ -698,13 +581,25 @@ fn exact_rescale_factor(factor: f32) -> f64 {
 /// The vision tower's input for one image: resize to `cfg.height x cfg.width`, rescale,
 /// normalize; channel-major (`[3, height, width]`), `3 * height * width` values.
 pub fn pixel_values(img: &RgbImage, cfg: &PreprocessConfig) -> Vec<f32> {
+    pixel_values_timed(img, cfg, &mut StageTimes::default())
+}
+
+/// [`pixel_values`], adding the time of its stages to `times`.
+pub fn pixel_values_timed(
+    img: &RgbImage,
+    cfg: &PreprocessConfig,
+    times: &mut StageTimes,
+) -> Vec<f32> {
     let resized;
     let img = if img.dimensions() == (cfg.width, cfg.height) {
         img
     } else {
-        resized = resize_bicubic(img, cfg.width, cfg.height);
+        resized = timed(&mut times.resize, || {
+            resize_bicubic(img, cfg.width, cfg.height)
+        });
         &resized
     };
+    let start = Instant::now();
 
     let factor = exact_rescale_factor(cfg.rescale_factor);
     // The value of each of the 256 levels per channel, computed once.
@@ -732,6 +627,7 @@ pub fn pixel_values(img: &RgbImage, cfg: &PreprocessConfig) -> Vec<f32> {
         g[i] = lut[1][usize::from(px[1])];
         b[i] = lut[2][usize::from(px[2])];
     }
+    times.normalize += start.elapsed();
     out
 }
 
