@@ -235,15 +235,15 @@ fn check_size(
     }
     if width > u64::from(limits.max_width) || height > u64::from(limits.max_height) {
         return Err(format!(
-            "image is {width}x{height}, larger than the limit of {}x{}",
+            "image is {width}x{height} pixels, which exceeds the decode limits ({}x{} pixels)",
             limits.max_width, limits.max_height
         ));
     }
     let needed = width.saturating_mul(height).saturating_mul(bytes_per_pixel);
     if needed > limits.max_alloc_bytes {
         return Err(format!(
-            "decoding this {width}x{height} image needs about {needed} bytes, more than the \
-             limit of {}",
+            "decoding this {width}x{height} image needs about {needed} bytes, which exceeds \
+             the decode limits ({} bytes)",
             limits.max_alloc_bytes
         ));
     }
@@ -406,9 +406,9 @@ fn decode_dynamic(
     format: ImageFormat,
     limits: &DecodeLimits,
 ) -> std::result::Result<DynamicImage, String> {
+    // No width/height caps here: `check_size` below applies them and names the size the
+    // header claims, which the `image` crate's own limit error does not.
     let mut image_limits = image::Limits::default();
-    image_limits.max_image_width = Some(limits.max_width);
-    image_limits.max_image_height = Some(limits.max_height);
     image_limits.max_alloc = Some(limits.max_alloc_bytes);
 
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
@@ -874,7 +874,12 @@ mod tests {
         let err = decode_image(&png, "bomb.png", &DecodeLimits::default())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("bomb.png") && err.contains("limit"), "{err}");
+        assert!(
+            err.contains("bomb.png")
+                && err.contains("100000x100000")
+                && err.contains("exceeds the decode limits"),
+            "{err}"
+        );
         let tight = DecodeLimits {
             max_alloc_bytes: 1 << 20,
             ..DecodeLimits::default()
@@ -883,7 +888,10 @@ mod tests {
         let err = decode_image(&big, "big.png", &tight)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("big.png") && err.contains("limit"), "{err}");
+        assert!(
+            err.contains("big.png") && err.contains("1024x1024") && err.contains("limit"),
+            "{err}"
+        );
     }
 
     fn crc32(data: &[u8]) -> u32 {
