@@ -1,16 +1,28 @@
 """Preprocessing speed, Rust runtime vs transformers' SigLIP processor (PIL backend), in one run.
 
-Both sides start from the encoded file and end with normalized float32 pixel values: decode, RGB, bicubic
-resize, rescale, normalize. The Rust side is timed as a whole `llama3v preprocess` process (start-up and
-writing the .npy included); the Python side in-process (no interpreter start-up), so the ratio favours
-Python. Each prints the median of --repeats runs after one warm-up, and the two outputs are compared.
+Both sides start from the encoded file and end with normalized float32 pixel values: read the file,
+decode, convert to RGB, bicubic resize, rescale, normalize. Both are timed in process:
 
-    .venv/bin/python scripts/bench_preprocess.py [--llama3v target/release/llama3v] [--size 384] [--repeats 7]
+- llama3v: `llama3v preprocess --repeat N --json` runs the whole preprocessing N times in one process
+  and reports the median time of each stage (read, decode, convert, resize, normalize) and of the
+  whole. It runs once with `--threads 1` and once with one thread per core.
+- Python: `PIL.Image.open(path)` + `SiglipImageProcessorPil(images=image)` (which decodes, converts,
+  resizes, rescales and normalizes), N times after one warm-up; the median, and apart the median of
+  `Image.open` + `load()` alone (read + decode).
+
+The two sides alternate for --rounds rounds; each figure is the median over rounds of the per-round
+medians. The start-up cost of a whole `llama3v preprocess` process (what one command-line call adds on
+top of the in-process time) is measured separately. The outputs of the two are compared.
+
+    .venv/bin/python scripts/bench_preprocess.py [--llama3v target/release/llama3v] [--size 384] \
+        [--repeats 15] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import tempfile
@@ -22,6 +34,8 @@ from PIL import Image
 from skimage import data
 from transformers import SiglipImageProcessorPil
 
+STAGES = ["read", "decode", "convert", "resize", "normalize", "total"]
+
 
 def make_inputs(work: Path) -> dict[str, Path]:
     """A 4000x3000 JPEG and a 1024x1024 PNG made from real photographs shipped with scikit-image."""
@@ -32,21 +46,34 @@ def make_inputs(work: Path) -> dict[str, Path]:
     return {"4000x3000 JPEG": jpeg, "1024x1024 PNG": png}
 
 
-def median_seconds(run, repeats: int) -> float:
+def median_ms(run, repeats: int) -> float:
     run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times) * 1e3
+
+
+def rust_stages(command: list[str], repeats: int, threads: int) -> dict[str, float]:
+    """Per-stage medians (ms) from one `llama3v preprocess --repeat` process."""
+    proc = subprocess.run(
+        [*command, "--repeat", str(repeats), "--json", "--threads", str(threads)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    report = json.loads(proc.stdout)
+    return {**report["median_ms"], "threads": report["threads"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama3v", default="target/release/llama3v")
     parser.add_argument("--size", type=int, default=384)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs per round and side")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     processor = SiglipImageProcessorPil(
@@ -56,24 +83,55 @@ def main() -> None:
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    print(f"{'input':<16} {'llama3v ms':>11} {'python ms':>10} {'speed-up':>9} {'max abs diff':>13}")
+    print(f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for label, path in make_inputs(work).items():
             out = work / "pixels.npy"
             command = [args.llama3v, "preprocess", "--image", str(path), "--size", str(args.size), "--out", str(out)]
 
-            def rust(command=command):
-                subprocess.run(command, check=True, capture_output=True)
-
             def python(path=path):
                 with Image.open(path) as image:
                     return processor(images=image, return_tensors="np")["pixel_values"][0]
 
-            rust_s = median_seconds(rust, args.repeats)
-            python_s = median_seconds(python, args.repeats)
+            def python_decode(path=path):
+                with Image.open(path) as image:
+                    image.load()
+
+            rounds: list[dict[str, object]] = []
+            for _ in range(args.rounds):
+                rounds.append(
+                    {
+                        "one": rust_stages(command, args.repeats, 1),
+                        "all": rust_stages(command, args.repeats, 0),
+                        "python": median_ms(python, args.repeats),
+                        "python_decode": median_ms(python_decode, args.repeats),
+                    }
+                )
+
+            def over_rounds(pick, rounds=rounds) -> float:
+                return statistics.median(pick(r) for r in rounds)
+
+            process_ms = median_ms(lambda c=command: subprocess.run(c, check=True, capture_output=True), args.repeats)
+            python_ms = over_rounds(lambda r: r["python"])
+            python_decode_ms = over_rounds(lambda r: r["python_decode"])
             diff = float(np.abs(np.load(out) - python()).max())
-            print(f"{label:<16} {rust_s * 1e3:>11.1f} {python_s * 1e3:>10.1f} {python_s / rust_s:>8.2f}x {diff:>13.2e}")
+
+            print(f"\n{label} -> {args.size}x{args.size}, median of {args.rounds} rounds x {args.repeats} runs")
+            header = "".join(f"{s:>11}" for s in STAGES)
+            print(f"{'':<30}{header}{'vs python':>11}")
+            for key in ("one", "all"):
+                threads = rounds[0][key]["threads"]
+                stages = {s: over_rounds(lambda r, k=key, s=s: r[k][s]) for s in STAGES}
+                cells = "".join(f"{stages[s]:>11.2f}" for s in STAGES)
+                print(f"{f'llama3v, {threads} thread(s), ms':<30}{cells}{python_ms / stages['total']:>10.2f}x")
+            # Python's decode column is Image.open + load (file read included).
+            print(f"{'python, ms':<30}{'':>11}{python_decode_ms:>11.2f}{'':>33}{python_ms:>11.2f}")
+            print(
+                f"whole `llama3v preprocess` process: {process_ms:.2f} ms (start-up and writing the .npy included); "
+                f"max abs diff vs python: {diff:.2e}"
+            )
+    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
