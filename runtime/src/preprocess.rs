@@ -50,6 +50,7 @@ use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Rg
 
 use crate::{Error, Result};
 
+mod fast_png;
 mod resize;
 
 pub use resize::resize_bicubic;
@@ -201,6 +202,11 @@ pub fn decode_image_timed(
         if format == ImageFormat::Jpeg {
             decode_jpeg(bytes, limits, times)
         } else {
+            if format == ImageFormat::Png {
+                if let Some(rgb) = timed(&mut times.decode, || fast_png::decode(bytes, limits)) {
+                    return Ok(rgb);
+                }
+            }
             let grey_png = format == ImageFormat::Png && png_color_type(bytes) == Some(0);
             let img = timed(&mut times.decode, || decode_dynamic(bytes, format, limits))?;
             Ok(timed(&mut times.convert, || {
