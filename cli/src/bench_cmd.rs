@@ -81,6 +81,15 @@ fn print_table(report: &BenchReport) {
         mib(report.decoder_weight_bytes),
         mib(report.kv_cache_bytes)
     );
+    let opt_mib = |b: Option<u64>| b.map_or_else(|| "?".to_string(), |b| format!("{:.1}", mib(b)));
+    for point in &report.memory {
+        println!(
+            "  after {:<40} RSS {:>8} MiB, peak so far {:>8} MiB",
+            point.phase,
+            opt_mib(point.rss_bytes),
+            opt_mib(point.peak_rss_bytes)
+        );
+    }
 }
 
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {

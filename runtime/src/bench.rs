@@ -61,6 +61,33 @@ pub struct DecodePoint {
     pub overhead_pct: f64,
 }
 
+/// Resident memory after a phase of the benchmark: the peak so far is monotone, so the phase whose
+/// reading raised it is the one that set the peak.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryPoint {
+    pub phase: String,
+    /// VmRSS after the phase.
+    pub rss_bytes: Option<u64>,
+    /// VmHWM after the phase.
+    pub peak_rss_bytes: Option<u64>,
+    /// Of VmRSS: anonymous memory (activations, copies of weights) and file pages (weights mapped from
+    /// external data files, read in as they are used).
+    pub rss_anon_bytes: Option<u64>,
+    pub rss_file_bytes: Option<u64>,
+}
+
+impl MemoryPoint {
+    fn now(phase: String) -> MemoryPoint {
+        MemoryPoint {
+            phase,
+            rss_bytes: proc_status_bytes("VmRSS:"),
+            peak_rss_bytes: peak_rss_bytes(),
+            rss_anon_bytes: proc_status_bytes("RssAnon:"),
+            rss_file_bytes: proc_status_bytes("RssFile:"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub model: String,
@@ -87,6 +114,8 @@ pub struct BenchReport {
     pub kv_cache_bytes: u64,
     /// VmHWM of this process at the end (Linux only).
     pub peak_rss_bytes: Option<u64>,
+    /// Resident and peak memory after loading, after the prefill runs and after each decode context.
+    pub memory: Vec<MemoryPoint>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -118,8 +147,13 @@ fn argmax(logits: &[f32]) -> u32 {
 
 /// Peak resident set size of this process from /proc/self/status (`VmHWM`).
 pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmHWM:")
+}
+
+/// A `kB` field of /proc/self/status, in bytes (Linux only).
+fn proc_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
@@ -194,6 +228,8 @@ impl Model {
             image_token: image.image_token_id,
         };
 
+        let mut memory = vec![MemoryPoint::now("loaded".into())];
+
         // Vision + prefill + first token; the first pass warms up.
         let images: Vec<RgbImage> = (0..config.images)
             .map(|_| synth.image(image.width, image.height))
@@ -234,6 +270,9 @@ impl Model {
             0.0
         };
         let prefill_ms = median(&mut prefill_ms);
+        memory.push(MemoryPoint::now(format!(
+            "vision + prefill of {prefill_tokens} tokens"
+        )));
 
         // Decode: a text prompt of `context` tokens, then `new_tokens` greedy steps, each timed.
         let mut decode = Vec::new();
@@ -286,6 +325,11 @@ impl Model {
             }
             let total = loop_start.elapsed();
             largest_context = largest_context.max(cache.len());
+            memory.push(MemoryPoint::now(format!(
+                "prefill of {} tokens + decode to {}",
+                ids.len(),
+                cache.len()
+            )));
             decode.push(DecodePoint {
                 context: first_context,
                 steps,
@@ -341,6 +385,7 @@ impl Model {
             decoder_weight_bytes,
             kv_cache_bytes,
             peak_rss_bytes: peak_rss_bytes(),
+            memory,
         })
     }
 }

@@ -260,7 +260,9 @@ fn register_one(
         preload_gpu_libraries();
     }
     let result = match provider {
-        Provider::Cpu => ep::CPU::default().register(builder),
+        Provider::Cpu => ep::CPU::default()
+            .with_arena_allocator(options.cpu.arena)
+            .register(builder),
         Provider::Cuda => cuda(options).register(builder),
         Provider::TensorRt => {
             for dir in [&plan.engine_dir, &plan.timing_dir].into_iter().flatten() {

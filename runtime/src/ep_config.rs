@@ -23,6 +23,14 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     ("device_id", "the GPU ordinal, an integer in 0..=255"),
     (
+        "cpu.arena",
+        "true or false: ONNX Runtime's CPU memory arena for activations (default true)",
+    ),
+    (
+        "cpu.prepack_weights",
+        "true or false: keep a packed copy of MatMul weights (default true)",
+    ),
+    (
         "cuda.memory_limit",
         "the CUDA arena's size limit, bytes or e.g. \"20GiB\" (>= 1MiB)",
     ),
@@ -75,6 +83,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "prompt + generated tokens, 1..=the model's max_context (default it)",
     ),
     (
+        "limits.prefill_chunk",
+        "the most prompt tokens in one decoder run, 0 for the whole prompt in one run (default 512)",
+    ),
+    (
         "limits.opt_context",
         "the context length TensorRT tunes for, 1..=max_context (default max_context/2)",
     ),
@@ -87,6 +99,27 @@ pub enum ArenaStrategy {
     #[default]
     NextPowerOfTwo,
     SameAsRequested,
+}
+
+/// How the CPU provider holds weights and activations; see docs/PERFORMANCE.md ("Memory") for the
+/// measured trade-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuOptions {
+    /// ONNX Runtime's arena for activations: freed blocks are kept for the next run instead of going
+    /// back to the system, so a run reuses memory without page faults.
+    pub arena: bool,
+    /// ONNX Runtime's prepacking of constant MatMul weights into its GEMM layout at load. The packed copy
+    /// replaces the original, so weights stored as external data stop being a view of the mapped file.
+    pub prepack_weights: bool,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        CpuOptions {
+            arena: true,
+            prepack_weights: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -132,6 +165,11 @@ pub struct RequestLimits {
     pub max_prompt_tokens: Option<usize>,
     pub max_context: Option<usize>,
     pub opt_context: Option<usize>,
+    /// The most prompt tokens one decoder run takes; a longer prompt is prefilled in runs of this many
+    /// tokens, each attending to the cache of the ones before. Standard attention materialises
+    /// `heads x run tokens x context` scores, so this bounds prefill's activation memory. `0`: the
+    /// whole prompt in one run.
+    pub prefill_chunk: usize,
 }
 
 impl Default for RequestLimits {
@@ -141,9 +179,15 @@ impl Default for RequestLimits {
             max_prompt_tokens: None,
             max_context: None,
             opt_context: None,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         }
     }
 }
+
+/// Prefill runs of at most this many tokens: on the `mid` preset (CPU) as fast as one run for an
+/// 857-token prompt and faster for 2014 tokens, with a third of the activation memory at 2014 tokens
+/// (docs/PERFORMANCE.md, run 5).
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 /// [`RequestLimits`] with the model's context filled in and checked against it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +239,7 @@ pub struct EpOptions {
     /// The provider list from the config file; `--ep` given on the command line wins.
     pub providers: Option<ProviderList>,
     pub device_id: u32,
+    pub cpu: CpuOptions,
     pub cuda: CudaOptions,
     pub tensorrt: TensorRtOptions,
     pub limits: RequestLimits,
@@ -306,6 +351,8 @@ impl EpOptions {
                 self.providers = Some(text.parse().map_err(|_| bad())?);
             }
             "device_id" => self.device_id = as_int(value, 0, 255).ok_or_else(bad)? as u32,
+            "cpu.arena" => self.cpu.arena = as_bool(value).ok_or_else(bad)?,
+            "cpu.prepack_weights" => self.cpu.prepack_weights = as_bool(value).ok_or_else(bad)?,
             "cuda.memory_limit" => self.cuda.memory_limit = Some(as_size(value).ok_or_else(bad)?),
             "cuda.arena_extend_strategy" => {
                 self.cuda.arena_extend_strategy = match as_str(value).ok_or_else(bad)? {
@@ -345,6 +392,10 @@ impl EpOptions {
             }
             "limits.opt_context" => {
                 self.limits.opt_context = Some(as_count(value).ok_or_else(bad)?)
+            }
+            "limits.prefill_chunk" => {
+                self.limits.prefill_chunk =
+                    as_int(value, 0, i64::from(u32::MAX)).ok_or_else(bad)? as usize
             }
             _ => return Err(bad()),
         }
@@ -593,6 +644,9 @@ mod tests {
             "limits.max_prompt_tokens=1024",
             "limits.max_context=2048",
             "limits.opt_context=512",
+            "limits.prefill_chunk=256",
+            "cpu.arena=false",
+            "cpu.prepack_weights=no",
         ] {
             o.apply_arg(arg).unwrap_or_else(|e| panic!("{arg}: {e}"));
         }
@@ -615,6 +669,14 @@ mod tests {
                 max_prompt_tokens: Some(1024),
                 max_context: Some(2048),
                 opt_context: Some(512),
+                prefill_chunk: 256,
+            }
+        );
+        assert_eq!(
+            o.cpu,
+            CpuOptions {
+                arena: false,
+                prepack_weights: false
             }
         );
     }
@@ -649,6 +711,16 @@ mod tests {
         );
         let e = err(o.apply_arg("providers=cpu,rocm"));
         assert!(e.contains("providers") && e.contains("\"cpu,rocm\""), "{e}");
+        let e = err(o.apply_arg("limits.prefill_chunk=-1"));
+        assert!(
+            e.contains("limits.prefill_chunk") && e.contains("default 512"),
+            "{e}"
+        );
+        let e = err(o.apply_arg("cpu.arena=sometimes"));
+        assert!(
+            e.contains("cpu.arena") && e.contains("true or false"),
+            "{e}"
+        );
         let e = err(o.apply_arg("limits.max_images=0"));
         assert!(e.contains("1..=64"), "{e}");
         let e = err(o.apply_arg("tensorrt.fp16"));
@@ -822,6 +894,7 @@ mod tests {
             max_prompt_tokens: Some(512),
             max_context: Some(1024),
             opt_context: Some(256),
+            prefill_chunk: 0,
         }
         .resolve(m.model.max_context)
         .unwrap();

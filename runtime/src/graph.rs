@@ -279,6 +279,8 @@ fn session_builder(
         .with_logger(logger)
         .map_err(ort::Error::from)?
         .with_log_level(LogLevel::Verbose)
+        .map_err(ort::Error::from)?
+        .with_prepacking(options.ep.cpu.prepack_weights)
         .map_err(ort::Error::from)?;
     if let Some(threads) = options.threads {
         builder = builder

@@ -42,6 +42,8 @@ pub struct Sessions {
     dtype: TensorDtype,
     dims: ModelDims,
     image: ImageSettings,
+    /// Most prompt tokens per decoder run in prefill; 0: the whole prompt in one run.
+    prefill_chunk: usize,
 }
 
 impl Model {
@@ -84,6 +86,7 @@ impl Model {
             dtype: manifest.float_dtype(),
             dims: manifest.model.clone(),
             image: manifest.image.clone(),
+            prefill_chunk: options.session.ep.limits.prefill_chunk,
         };
         Ok(Model {
             dir: dir.to_path_buf(),
@@ -164,11 +167,33 @@ impl Sessions {
         Ok(embeds)
     }
 
-    /// Runs the whole prompt through the decoder in one run; returns the cache and the last logits.
+    /// Runs the prompt through the decoder, in one run or in runs of at most `limits.prefill_chunk`
+    /// tokens; returns the cache and the last position's logits.
     pub fn prefill(&self, embeds: &[f32], seq: usize, logits: &mut Vec<f32>) -> Result<KvCache> {
         let dtype = self.dtype;
         let mut cache = KvCache::empty(&self.dims, dtype)?;
-        decoder_step(&self.decoder, dtype, embeds, seq, &mut cache, logits)?;
+        if seq == 0 || !embeds.len().is_multiple_of(seq) {
+            return Err(self.decoder.error(format!(
+                "{} embedding values do not make {seq} rows",
+                embeds.len()
+            )));
+        }
+        let hidden = embeds.len() / seq;
+        let chunk = if self.prefill_chunk == 0 {
+            seq
+        } else {
+            self.prefill_chunk
+        };
+        for rows in embeds.chunks(chunk * hidden) {
+            decoder_step(
+                &self.decoder,
+                dtype,
+                rows,
+                rows.len() / hidden,
+                &mut cache,
+                logits,
+            )?;
+        }
         Ok(cache)
     }
 

@@ -45,3 +45,31 @@ def test_bench_refuses_a_prompt_beyond_the_context(exports):
     print(proc.stderr)
     assert proc.returncode == 2
     assert str(max_context) in proc.stderr
+
+
+def test_bench_memory_points_account_for_the_peak(exports):
+    """One memory reading per phase; the peak only grows, and the last reading is the report's peak."""
+    model_dir = exports.model_dir("tiny-b")
+    args = ["--prompt-tokens", "8", "--new-tokens", "2", "--images", "1", "--contexts", "16,40", "--repeats", "1"]
+    proc = llama3v("bench", "--model", str(model_dir), *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    points = report["memory"]
+    print(json.dumps(points, indent=1))
+    assert [p["phase"].split()[0] for p in points] == ["loaded", "vision", "prefill", "prefill"]
+    peaks = [p["peak_rss_bytes"] for p in points]
+    assert peaks == sorted(peaks)
+    assert peaks[-1] == report["peak_rss_bytes"]
+    for p in points:
+        assert p["rss_anon_bytes"] + p["rss_file_bytes"] <= p["rss_bytes"] <= p["peak_rss_bytes"], p
+
+
+def test_chunked_prefill_matches_the_reference(exports):
+    """Prefill in runs of 1 and 5 tokens, and in one run, all pass `check` against the transformers
+    reference (logits within the fp32 tolerance, greedy tokens identical)."""
+    model_dir = exports.model_dir("tiny-a")
+    for chunk in ("1", "5", "0"):
+        proc = llama3v("check", "--model", str(model_dir), "--ep-option", f"limits.prefill_chunk={chunk}")
+        print(f"prefill_chunk={chunk}\n{proc.stdout}")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "check passed" in proc.stdout
