@@ -386,6 +386,35 @@ def table(results: dict, contexts: list[int], floor: dict) -> str:
     return "\n".join(lines)
 
 
+def goal_lines(results: dict, contexts: list[int]) -> list[str]:
+    """Each goal of the performance issue: the measured value beside its target, and met or not."""
+    ours = results["llama3v"]
+    fp32_peers = [results[n] for n in ("transformers", "genai-fp32") if n in results]
+    lines = []
+
+    def line(what: str, value: float, target: str, met: bool) -> None:
+        lines.append(f"goal {what}: {value:.2f} (target {target}) {'met' if met else 'NOT met'}")
+
+    if fp32_peers:
+        for ctx in contexts:
+            best = max(p["decode"][ctx]["tokens_per_s"] for p in fp32_peers)
+            ratio = ours["decode"][ctx]["tokens_per_s"] / best
+            line(f"fp32 decode @ {ctx} / best fp32 peer", ratio, ">= 1.2", ratio >= 1.2)
+        best = max(p["prefill_tokens_per_s"] for p in fp32_peers)
+        ratio = ours["prefill_tokens_per_s"] / best
+        line("prefill tokens/s / best fp32 peer", ratio, ">= 1.2", ratio >= 1.2)
+    for ctx, (_, pct) in ours["overhead"].items():
+        line(f"runtime overhead % of a decode step @ {ctx}", pct, "<= 2", pct <= 2)
+    if len(contexts) > 1:
+        long_short = ours["decode"][contexts[-1]]["tokens_per_s"] / ours["decode"][contexts[0]]["tokens_per_s"]
+        line(f"decode @ {contexts[-1]} / decode @ {contexts[0]}", long_short, ">= 0.85", long_short >= 0.85)
+    weights = ours["raw"]["weight_bytes"]
+    budget = (weights + ours["kv_cache_bytes"]) / 2**20
+    memory = ours["peak_rss_mib"] / budget
+    line(f"peak RSS / (graph files + KV cache = {budget:.0f} MiB)", memory, "<= 1.2", memory <= 1.2)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="Hugging Face LLaVA checkpoint")
@@ -459,10 +488,12 @@ def main(argv: list[str] | None = None) -> int:
         f"(decoder weights {weights / 2**20:.0f} MiB, "
         f"KV cache {results['llama3v']['kv_cache_bytes'] / 2**20:.1f} MiB)"
     )
+    goals = goal_lines(results, contexts)
+    print("\n".join(goals))
     if args.json_out:
         args.json_out.write_text(
             json.dumps(
-                {"machine": info, "floor": floor, "results": results, "rounds": rounds},
+                {"machine": info, "floor": floor, "results": results, "rounds": rounds, "goals": goals},
                 indent=2,
                 default=str,
             )
