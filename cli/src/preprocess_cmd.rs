@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use llama3v::preprocess::{
-    load_image_timed, pixel_values_timed, DecodeLimits, PreprocessConfig, StageTimes,
-};
+use llama3v::preprocess::{preprocess_file, DecodeLimits, PreprocessConfig, StageTimes};
 
 #[derive(clap::Args, Debug)]
 pub struct PreprocessArgs {
@@ -103,8 +101,7 @@ fn run_in_pool(args: &PreprocessArgs) -> anyhow::Result<()> {
     };
     let limits = DecodeLimits::default();
     let preprocess = |times: &mut StageTimes| -> anyhow::Result<Vec<f32>> {
-        let img = load_image_timed(&args.image, &limits, times)?;
-        Ok(pixel_values_timed(&img, &cfg, times))
+        Ok(preprocess_file(&args.image, &cfg, &limits, times)?)
     };
     let mut first = StageTimes::default();
     let values = preprocess(&mut first)?;

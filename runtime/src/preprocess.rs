@@ -54,6 +54,7 @@ mod fast_png;
 mod resize;
 
 pub use resize::resize_bicubic;
+use resize::RowResizer;
 
 /// Everything the vision tower's preprocessing needs; mirrors `preprocessor_config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -172,6 +173,18 @@ pub fn decode_image_timed(
     limits: &DecodeLimits,
     times: &mut StageTimes,
 ) -> Result<RgbImage> {
+    decode_inner(bytes, source_name, limits, None, times)
+}
+
+/// [`decode_image_timed`]; with `resize_to`, a JPEG whose resize runs horizontally first
+/// comes back already resized to it (see [`preprocess_image`]), anything else at its size.
+fn decode_inner(
+    bytes: &[u8],
+    source_name: &str,
+    limits: &DecodeLimits,
+    resize_to: Option<(u32, u32)>,
+    times: &mut StageTimes,
+) -> Result<RgbImage> {
     if bytes.is_empty() {
         return Err(image_error(source_name, "empty input (0 bytes)"));
     }
@@ -200,7 +213,7 @@ pub fn decode_image_timed(
     // unwinding too, with the message as payload.
     let decoded = catch_unwind(AssertUnwindSafe(|| {
         if format == ImageFormat::Jpeg {
-            decode_jpeg(bytes, limits, times)
+            decode_jpeg(bytes, limits, resize_to, times)
         } else {
             if format == ImageFormat::Png {
                 if let Some(rgb) = timed(&mut times.decode, || fast_png::decode(bytes, limits)) {
@@ -330,33 +343,12 @@ fn adobe_cmyk_to_rgb(px: &[u8]) -> [u8; 3] {
 fn decode_jpeg(
     bytes: &[u8],
     limits: &DecodeLimits,
+    resize_to: Option<(u32, u32)>,
     times: &mut StageTimes,
 ) -> std::result::Result<RgbImage, String> {
-    let start = Instant::now();
-    let (pixels, width, height, cmyk) = decode_jpeg_pixels(bytes, limits)?;
-    times.decode += start.elapsed();
-    let rgb = timed(&mut times.convert, || {
-        if cmyk {
-            let mut rgb = Vec::with_capacity(pixels.len() / 4 * 3);
-            for px in pixels.chunks_exact(4) {
-                rgb.extend_from_slice(&adobe_cmyk_to_rgb(px));
-            }
-            rgb
-        } else {
-            pixels
-        }
-    });
-    RgbImage::from_raw(width, height, rgb)
-        .ok_or_else(|| "JPEG decoder returned a short image".to_string())
-}
-
-/// libjpeg's output: RGB, or Adobe-inverted CMYK when the last value is true.
-fn decode_jpeg_pixels(
-    bytes: &[u8],
-    limits: &DecodeLimits,
-) -> std::result::Result<(Vec<u8>, u32, u32, bool), String> {
     use mozjpeg::ColorSpace;
 
+    let start = Instant::now();
     let hit_eof = Cell::new(false);
     let reader = WatchEof {
         data: bytes,
@@ -378,6 +370,8 @@ fn decode_jpeg_pixels(
         0
     };
     let decoded = if cmyk { 4 } else { 3 };
+    // The same budget whether or not the whole image is kept (see `preprocess_image`),
+    // so that both paths accept and refuse the same files.
     check_size(
         width as u64,
         height as u64,
@@ -390,6 +384,7 @@ fn decode_jpeg_pixels(
             "JPEG with {components} components is not supported"
         ));
     }
+    let (w, h) = (width as u32, height as u32);
 
     // Pillow asks libjpeg for RGB (or grey, replicated by `convert`), and for CMYK from
     // 4-component files, which it then reads as Adobe-inverted and converts itself.
@@ -399,12 +394,135 @@ fn decode_jpeg_pixels(
         ColorSpace::JCS_RGB
     };
     let mut started = decompress.to_colorspace(target).map_err(jpeg_error)?;
-    let pixels = started.read_scanlines::<u8>().map_err(jpeg_error)?;
+    let streamed = resize_to.and_then(|(out_w, out_h)| RowResizer::new(w, h, out_w, out_h));
+    let (image, decode_time) = if let Some(resizer) = streamed {
+        times.decode += start.elapsed();
+        let mut read_rows = |rows: &mut [u8]| started.read_scanlines_into(rows).map(|_| ());
+        let image =
+            stream_jpeg_rows(&mut read_rows, resizer, w, h, cmyk, times).map_err(jpeg_error)?;
+        (image, Instant::now())
+    } else {
+        let pixels = started.read_scanlines::<u8>().map_err(jpeg_error)?;
+        let decode_end = Instant::now();
+        times.decode += decode_end - start;
+        let rgb = timed(&mut times.convert, || {
+            if cmyk {
+                cmyk_rows_to_rgb(&pixels)
+            } else {
+                pixels
+            }
+        });
+        let image = RgbImage::from_raw(w, h, rgb)
+            .ok_or_else(|| "JPEG decoder returned a short image".to_string())?;
+        (image, Instant::now())
+    };
     started.finish().map_err(jpeg_error)?;
+    times.decode += decode_time.elapsed();
     if hit_eof.get() {
         return Err("truncated JPEG data: the file ends before the image does".to_string());
     }
-    Ok((pixels, width as u32, height as u32, cmyk))
+    Ok(image)
+}
+
+fn cmyk_rows_to_rgb(pixels: &[u8]) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(pixels.len() / 4 * 3);
+    for px in pixels.chunks_exact(4) {
+        rgb.extend_from_slice(&adobe_cmyk_to_rgb(px));
+    }
+    rgb
+}
+
+/// Decoded rows handed to the resize at a time.
+const BAND_BYTES: usize = 256 * 1024;
+
+/// Decodes a JPEG band by band with `read_rows` (whole rows of RGB, or CMYK when `cmyk`)
+/// into `resizer`'s horizontal pass; the whole image never exists at once. With more than
+/// one thread in the pool the horizontal pass runs on a second thread while decoding goes
+/// on, and only what it has left when decoding ends counts as resize time.
+fn stream_jpeg_rows(
+    read_rows: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+    resizer: RowResizer,
+    width: u32,
+    height: u32,
+    cmyk: bool,
+    times: &mut StageTimes,
+) -> std::io::Result<RgbImage> {
+    let row_bytes = width as usize * if cmyk { 4 } else { 3 };
+    let band_rows = (BAND_BYTES / row_bytes).clamp(1, height as usize);
+    let (first_read, last_read) = resizer.rows_read();
+    // Decodes every row (a damaged file must fail as it does when decoded whole) and
+    // passes on, as RGB, the bands the resize reads.
+    let mut decode = |times: &mut StageTimes,
+                      emit: &mut dyn FnMut(usize, Vec<u8>) -> bool|
+     -> std::io::Result<()> {
+        let mut y = 0;
+        while y < height as usize {
+            let n = band_rows.min(height as usize - y);
+            let mut band = vec![0u8; n * row_bytes];
+            timed(&mut times.decode, || read_rows(&mut band))?;
+            if y < last_read && y + n > first_read {
+                let band = if cmyk {
+                    timed(&mut times.convert, || cmyk_rows_to_rgb(&band))
+                } else {
+                    band
+                };
+                if !emit(y, band) {
+                    break;
+                }
+            }
+            y += n;
+        }
+        Ok(())
+    };
+
+    let mut resizer = resizer;
+    if rayon::current_num_threads() > 1 {
+        let overlapped = std::thread::scope(|s| {
+            // The resizer goes to the worker only once it runs; if the system refuses a
+            // thread, it stays here and the bands are resized in turn below.
+            let (start_tx, start_rx) = std::sync::mpsc::sync_channel::<RowResizer>(1);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(4);
+            let worker = std::thread::Builder::new()
+                .name("resize".into())
+                .spawn_scoped(s, move || {
+                    let mut resizer = start_rx.recv().ok()?;
+                    for (y, band) in rx {
+                        resizer.push(y, &band);
+                    }
+                    Some(resizer)
+                });
+            let Ok(worker) = worker else {
+                return Err(resizer);
+            };
+            if let Err(returned) = start_tx.send(resizer) {
+                return Err(returned.0);
+            }
+            let decoded = decode(times, &mut |y, band| tx.send((y, band)).is_ok());
+            drop(tx);
+            let start = Instant::now();
+            let resizer = worker.join();
+            times.resize += start.elapsed();
+            Ok((decoded, resizer))
+        });
+        match overlapped {
+            Ok((decoded, resizer)) => {
+                decoded?;
+                let resizer = resizer
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| std::io::Error::other("the resize thread failed"))?;
+                return Ok(timed(&mut times.resize, || resizer.finish()));
+            }
+            Err(returned) => resizer = returned,
+        }
+    }
+    let mut resize_time = Duration::ZERO;
+    decode(times, &mut |y, band| {
+        timed(&mut resize_time, || resizer.push(y, &band));
+        true
+    })?;
+    times.resize += resize_time;
+    Ok(timed(&mut times.resize, || resizer.finish()))
 }
 
 fn decode_dynamic(
@@ -433,6 +551,41 @@ fn decode_dynamic(
     DynamicImage::from_decoder(decoder).map_err(|e| describe(e, limits))
 }
 
+/// The vision tower's input for one encoded image: [`pixel_values`] of [`decode_image`],
+/// with the same values, adding the time of its stages to `times`.
+///
+/// For a JPEG whose resize starts with the horizontal pass (downscaling photos), decoded
+/// rows go through that pass band by band as they come out of the decoder, on a second
+/// thread when the current rayon pool has more than one: the full-size image is never
+/// held, and decoding and resizing overlap.
+pub fn preprocess_image(
+    bytes: &[u8],
+    source_name: &str,
+    cfg: &PreprocessConfig,
+    limits: &DecodeLimits,
+    times: &mut StageTimes,
+) -> Result<Vec<f32>> {
+    let img = decode_inner(
+        bytes,
+        source_name,
+        limits,
+        Some((cfg.width, cfg.height)),
+        times,
+    )?;
+    Ok(pixel_values_timed(&img, cfg, times))
+}
+
+/// [`preprocess_image`] of a file.
+pub fn preprocess_file(
+    path: &Path,
+    cfg: &PreprocessConfig,
+    limits: &DecodeLimits,
+    times: &mut StageTimes,
+) -> Result<Vec<f32>> {
+    let bytes = read_image_file(path, limits, times)?;
+    preprocess_image(&bytes, &path.display().to_string(), cfg, limits, times)
+}
+
 /// Reads and decodes an image file; see [`decode_image`].
 pub fn load_image(path: &Path, limits: &DecodeLimits) -> Result<RgbImage> {
     load_image_timed(path, limits, &mut StageTimes::default())
@@ -444,22 +597,25 @@ pub fn load_image_timed(
     limits: &DecodeLimits,
     times: &mut StageTimes,
 ) -> Result<RgbImage> {
-    let source_name = path.display().to_string();
+    let bytes = read_image_file(path, limits, times)?;
+    decode_image_timed(&bytes, &path.display().to_string(), limits, times)
+}
+
+fn read_image_file(path: &Path, limits: &DecodeLimits, times: &mut StageTimes) -> Result<Vec<u8>> {
     let len = std::fs::metadata(path)
         .map_err(|e| Error::io(path, e))?
         .len();
     // An encoded file bigger than the decode budget would decode to more than it anyway.
     if len > limits.max_alloc_bytes {
         return Err(image_error(
-            &source_name,
+            &path.display().to_string(),
             format!(
                 "file is {len} bytes, more than the decode limit of {} bytes",
                 limits.max_alloc_bytes
             ),
         ));
     }
-    let bytes = timed(&mut times.read, || std::fs::read(path)).map_err(|e| Error::io(path, e))?;
-    decode_image_timed(&bytes, &source_name, limits, times)
+    timed(&mut times.read, || std::fs::read(path)).map_err(|e| Error::io(path, e))
 }
 
 /// Pillow's `alpha_composite(white, src)` for one channel: `AlphaComposite.c` with the
@@ -826,6 +982,74 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("header.jpg"), "{err}");
+    }
+
+    #[test]
+    fn preprocess_image_equals_decode_then_pixel_values() {
+        // Downscales (streamed: horizontal pass first), a vertical-first one, an upscale,
+        // same width, same size; grey and colour.
+        let cases = [
+            ((1200, 900), (384, 384)),
+            ((700, 301), (336, 512)),
+            ((300, 2000), (384, 384)),
+            ((40, 30), (384, 384)),
+            ((384, 900), (384, 384)),
+            ((384, 384), (384, 384)),
+            ((4000, 7), (384, 384)),
+        ];
+        let limits = DecodeLimits::default();
+        for (i, ((w, h), (ow, oh))) in cases.into_iter().enumerate() {
+            let img = gradient(w, h);
+            let mut files = vec![encode_jpeg(&img, 90)];
+            let grey = image::imageops::grayscale(&img);
+            let mut buf = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 90)
+                .write_image(grey.as_raw(), w, h, image::ExtendedColorType::L8)
+                .unwrap();
+            files.push(buf);
+            files.push(encode_png(&DynamicImage::ImageRgb8(img)));
+            let cfg = PreprocessConfig::siglip(oh, ow);
+            for (j, file) in files.iter().enumerate() {
+                let want = pixel_values(&decode_image(file, "x", &limits).unwrap(), &cfg);
+                for threads in [1, 2] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut times = StageTimes::default();
+                    let got = pool
+                        .install(|| preprocess_image(file, "x", &cfg, &limits, &mut times))
+                        .unwrap();
+                    let differing = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                    println!(
+                        "case {i} file {j} {w}x{h} -> {ow}x{oh}, {threads} thread(s): \
+                         {differing} differing values (allowed 0)"
+                    );
+                    assert_eq!(got.len(), want.len());
+                    assert_eq!(differing, 0);
+                }
+            }
+        }
+        // Errors are the same too.
+        let busy = encode_jpeg(&gradient(640, 480), 95);
+        let cut = &busy[..busy.len() * 2 / 3];
+        let cfg = PreprocessConfig::siglip(384, 384);
+        let whole = decode_image(cut, "cut.jpg", &limits)
+            .unwrap_err()
+            .to_string();
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let streamed = pool
+                .install(|| {
+                    preprocess_image(cut, "cut.jpg", &cfg, &limits, &mut StageTimes::default())
+                })
+                .unwrap_err()
+                .to_string();
+            assert_eq!(streamed, whole);
+        }
     }
 
     #[test]

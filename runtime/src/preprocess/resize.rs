@@ -134,68 +134,157 @@ fn resize_with(kernel: Kernel, img: &RgbImage, width: u32, height: u32) -> RgbIm
         // Nothing to sample from (or nothing to fill); decoded images are never empty.
         return RgbImage::new(width, height);
     }
+    if let Some(mut rows) = RowResizer::with_kernel(kernel, in_w, in_h, width, height) {
+        let stride = in_w as usize * 3;
+        let (first, last) = rows.rows_read();
+        let horizontal = &rows.horizontal;
+        img.as_raw()[first * stride..last * stride]
+            .par_chunks_exact(stride)
+            .zip(rows.mid.par_chunks_exact_mut(width as usize * 3))
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each(|(row, out_row)| horizontal.row(row, out_row));
+        return rows.finish();
+    }
     let src = img.as_raw();
-    let need_horizontal = in_w != width;
-    let need_vertical = in_h != height;
-    // Pillow 13 runs the vertical pass first when the height shrinks by more than twice
-    // as many pixels as the width does (Pillow <= 12 always went horizontal first). The
-    // order matters: the intermediate image is rounded to 8 bits.
-    let shrink_h = i64::from(in_h) - i64::from(height);
-    let shrink_w = i64::from(in_w) - i64::from(width);
-    let horizontal_first = !(shrink_h > 0 && shrink_h > shrink_w * 2);
-
     let vert = Taps::new(in_h, height);
-    let out = if horizontal_first {
-        if need_horizontal {
-            // Only the input rows the vertical pass reads go through the horizontal pass.
-            let row_first = vert.bounds.first().map_or(0, |b| b.0);
-            let row_last = vert.bounds.last().map_or(0, |b| b.0 + b.1);
-            let stride = in_w as usize * 3;
-            let rows = &src[row_first * stride..row_last * stride];
-            let mid = horizontal_pass(kernel, rows, in_w, &Taps::new(in_w, width));
-            if need_vertical {
-                vertical_pass(kernel, &mid, width, row_first, &vert)
-            } else {
-                mid
-            }
-        } else {
-            vertical_pass(kernel, src, in_w, 0, &vert)
-        }
+    let out = if in_w == width {
+        vertical_pass(kernel, src, in_w, 0, &vert)
     } else {
+        // Vertical first (see `RowResizer::with_kernel`).
         let mid = vertical_pass(kernel, src, in_w, 0, &vert);
-        if need_horizontal {
-            horizontal_pass(kernel, &mid, in_w, &Taps::new(in_w, width))
-        } else {
-            mid
-        }
+        let horizontal = Horizontal::new(kernel, in_w, width);
+        let (in_stride, out_stride) = (in_w as usize * 3, width as usize * 3);
+        let mut out = vec![0u8; height as usize * out_stride];
+        mid.par_chunks_exact(in_stride)
+            .zip(out.par_chunks_exact_mut(out_stride))
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each(|(row, out_row)| horizontal.row(row, out_row));
+        out
     };
     RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
 }
 
-/// Resamples every row of `src` (rows of `in_w` RGB pixels) to `taps.bounds.len()` pixels.
-fn horizontal_pass(kernel: Kernel, src: &[u8], in_w: u32, taps: &Taps) -> Vec<u8> {
-    let in_stride = in_w as usize * 3;
-    let out_stride = taps.bounds.len() * 3;
-    if in_stride == 0 || out_stride == 0 {
-        return Vec::new();
+/// A horizontal-first resize fed with input rows in order, as a decoder produces them, so
+/// that the whole input image never needs to exist at once.
+///
+/// Each input row the vertical pass reads goes through the horizontal pass when it is
+/// pushed; [`RowResizer::finish`] runs the vertical pass. The result equals
+/// [`resize_bicubic`] of the whole image.
+pub(crate) struct RowResizer {
+    horizontal: Horizontal,
+    vert: Taps,
+    in_w: u32,
+    width: u32,
+    height: u32,
+    need_vertical: bool,
+    /// Input rows `row_first..row_last` are the ones the vertical pass reads.
+    row_first: usize,
+    row_last: usize,
+    /// Horizontal pass output: one row of `width` pixels per input row read.
+    mid: Vec<u8>,
+}
+
+impl RowResizer {
+    /// `None` unless Pillow runs a horizontal pass first for this resize (other cases need
+    /// the whole image: see [`resize_bicubic`]).
+    pub(crate) fn new(in_w: u32, in_h: u32, width: u32, height: u32) -> Option<RowResizer> {
+        RowResizer::with_kernel(Kernel::detect(), in_w, in_h, width, height)
     }
-    let mut out = vec![0u8; src.len() / in_stride * out_stride];
-    let rows = src
-        .par_chunks_exact(in_stride)
-        .zip(out.par_chunks_exact_mut(out_stride))
-        .with_min_len(MIN_ROWS_PER_TASK);
-    match kernel {
-        Kernel::Plain => rows.for_each(|(row, out_row)| horizontal_row(row, out_row, taps)),
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => {
-            let split = x86::SplitTaps::new(taps);
-            // SAFETY: `Kernel::Avx2` is only chosen when the CPU reports AVX2.
-            rows.for_each(|(row, out_row)| unsafe {
-                x86::horizontal_row_avx2(row, out_row, taps, &split)
-            });
+
+    fn with_kernel(
+        kernel: Kernel,
+        in_w: u32,
+        in_h: u32,
+        width: u32,
+        height: u32,
+    ) -> Option<RowResizer> {
+        if in_w == 0 || in_h == 0 || width == 0 || height == 0 || in_w == width {
+            return None;
+        }
+        // Pillow 13 runs the vertical pass first when the height shrinks by more than
+        // twice as many pixels as the width does (Pillow <= 12 always went horizontal
+        // first). The order matters: the intermediate image is rounded to 8 bits.
+        let shrink_h = i64::from(in_h) - i64::from(height);
+        let shrink_w = i64::from(in_w) - i64::from(width);
+        if shrink_h > 0 && shrink_h > shrink_w * 2 {
+            return None;
+        }
+        let vert = Taps::new(in_h, height);
+        let row_first = vert.bounds.first().map_or(0, |b| b.0);
+        let row_last = vert.bounds.last().map_or(0, |b| b.0 + b.1);
+        Some(RowResizer {
+            horizontal: Horizontal::new(kernel, in_w, width),
+            vert,
+            in_w,
+            width,
+            height,
+            need_vertical: in_h != height,
+            row_first,
+            row_last,
+            mid: vec![0u8; (row_last - row_first) * width as usize * 3],
+        })
+    }
+
+    /// The input rows the result depends on: `first..last`.
+    pub(crate) fn rows_read(&self) -> (usize, usize) {
+        (self.row_first, self.row_last)
+    }
+
+    /// Takes whole input rows (RGB) starting at input row `first_row`, on this thread.
+    pub(crate) fn push(&mut self, first_row: usize, rows: &[u8]) {
+        let (in_stride, out_stride) = (self.in_w as usize * 3, self.width as usize * 3);
+        for (i, row) in rows.chunks_exact(in_stride).enumerate() {
+            let y = first_row + i;
+            if (self.row_first..self.row_last).contains(&y) {
+                let at = (y - self.row_first) * out_stride;
+                self.horizontal.row(row, &mut self.mid[at..at + out_stride]);
+            }
         }
     }
-    out
+
+    /// The resized image (the vertical pass runs on the current rayon pool).
+    pub(crate) fn finish(self) -> RgbImage {
+        let kernel = self.horizontal.kernel;
+        let out = if self.need_vertical {
+            vertical_pass(kernel, &self.mid, self.width, self.row_first, &self.vert)
+        } else {
+            self.mid
+        };
+        RgbImage::from_raw(self.width, self.height, out)
+            .unwrap_or_else(|| RgbImage::new(self.width, self.height))
+    }
+}
+
+/// The horizontal pass's taps for one resize and the kernel that applies them.
+struct Horizontal {
+    kernel: Kernel,
+    taps: Taps,
+    #[cfg(target_arch = "x86_64")]
+    split: Option<x86::SplitTaps>,
+}
+
+impl Horizontal {
+    fn new(kernel: Kernel, in_w: u32, width: u32) -> Horizontal {
+        let taps = Taps::new(in_w, width);
+        Horizontal {
+            kernel,
+            #[cfg(target_arch = "x86_64")]
+            split: (kernel == Kernel::Avx2).then(|| x86::SplitTaps::new(&taps)),
+            taps,
+        }
+    }
+
+    /// Resamples one row of input pixels into `out_row`.
+    fn row(&self, row: &[u8], out_row: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(split) = &self.split {
+            // SAFETY: `split` exists only for `Kernel::Avx2`, chosen only when the CPU
+            // reports AVX2.
+            unsafe { x86::horizontal_row_avx2(row, out_row, &self.taps, split) };
+            return;
+        }
+        horizontal_row(row, out_row, &self.taps);
+    }
 }
 
 /// One row of the horizontal pass, one output pixel at a time, as Pillow computes it.
