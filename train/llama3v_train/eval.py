@@ -92,20 +92,30 @@ def part_accuracy(kind: str, texts: list[str], samples: list) -> dict[str, float
     return out
 
 
-def evaluate(checkpoint: Path, model_dir: Path | None, count: int, seed: int, workdir: Path, binary: str, log) -> dict:
+def evaluate(
+    checkpoint: Path,
+    model_dir: Path | None,
+    count: int,
+    seed: int,
+    workdir: Path,
+    binary: str,
+    log,
+    aspect: tuple[float, float] | None = None,
+) -> dict:
     samples = []
     paths = []
     for i in range(count):
-        sample = make_sample(seed, i)
+        sample = make_sample(seed, i, aspect)
         path = workdir / f"eval_{i:04d}.png"
         sample.image.save(path)
         samples.append(sample)
         paths.append(path)
-    log(f"{count} images (seed {seed}) in {workdir}")
+    ratio = f", aspect ratio {aspect[0]}:1 to {aspect[1]}:1" if aspect else ""
+    log(f"{count} images (seed {seed}{ratio}) in {workdir}")
     proc = load_processor(checkpoint)
     tok = proc.tokenizer
     stops = set(LlavaForConditionalGeneration.from_pretrained(checkpoint).generation_config.eos_token_id)
-    results: dict = {"images": count, "seed": seed, "questions": {}}
+    results: dict = {"images": count, "seed": seed, "aspect": aspect, "questions": {}}
     for kind, question in QUESTIONS.items():
         want = [answer(kind, s.shape, s.color, s.background) for s in samples]
         t = time.time()
@@ -153,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--aspect",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="draw images with a long/short side ratio in [LOW, HIGH] instead of the task's generator (at most 2:1)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--binary", default=os.environ.get("LLAMA3V_BIN", str(REPO / "target/release/llama3v")))
     args = parser.parse_args(argv)
@@ -161,7 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="llama3v-eval-") as tmp:
         results = evaluate(
-            args.checkpoint, args.model, args.images, args.seed, Path(tmp), args.binary, lambda m: print(m, flush=True)
+            args.checkpoint,
+            args.model,
+            args.images,
+            args.seed,
+            Path(tmp),
+            args.binary,
+            lambda m: print(m, flush=True),
+            tuple(args.aspect) if args.aspect else None,
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

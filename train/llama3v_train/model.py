@@ -15,7 +15,8 @@ from transformers import (
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, EOT_TOKEN, IMAGE_TOKEN, build_tokenizer
 
 IMAGE_SIZE = 64
-PATCH_SIZE = 16
+# Patch 8: a 8x8 grid of 64 image tokens. With patch 16 (16 tokens) the tower separated the shapes poorly.
+PATCH_SIZE = 8
 TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH_SIZE) ** 2
 MAX_CONTEXT = 512
 

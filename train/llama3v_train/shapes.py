@@ -123,11 +123,20 @@ def _image_size(rng: random.Random) -> tuple[int, int]:
     return w, h
 
 
-def make_sample(seed: int, index: int) -> Sample:
-    """The `index`-th image of the set `seed`: shape, color and background uniform, size and place random."""
+def _extreme_size(rng: random.Random, aspect: tuple[float, float]) -> tuple[int, int]:
+    """Long side / short side drawn from `aspect`, either side the long one, the long side at most MAX_SIDE."""
+    ratio = rng.uniform(*aspect)
+    short = rng.randint(MIN_SIDE, max(MIN_SIDE, int(MAX_SIDE / ratio)))
+    long = min(MAX_SIDE, round(short * ratio))
+    return (long, short) if rng.random() < 0.5 else (short, long)
+
+
+def make_sample(seed: int, index: int, aspect: tuple[float, float] | None = None) -> Sample:
+    """The `index`-th image of the set `seed`: shape, color and background uniform, size and place random.
+    `aspect` (lowest, highest long/short side ratio) draws images beyond the training set's 2:1, for measuring."""
     rng = random.Random(f"llama3v-shapes/{seed}/{index}")
     shape, color, background = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(BACKGROUNDS)
-    w, h = _image_size(rng)
+    w, h = _image_size(rng) if aspect is None else _extreme_size(rng, aspect)
     bg = (255, 255, 255) if background == "white" else (rng.randint(200, 225),) * 3
     image = Image.new("RGB", (w, h), bg)
     draw = ImageDraw.Draw(image)

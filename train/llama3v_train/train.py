@@ -1,22 +1,24 @@
-"""Train the shapes model in three stages and save it as a Hugging Face LLaVA checkpoint.
+"""Train the shapes model in four stages and save it as a Hugging Face LLaVA checkpoint.
 
     python -m llama3v_train.train --out models-src/shapes
 
-Stage 0 trains the vision tower, projector and language model together from random weights (the tower has no
-pretrained weights to start from here); stage 1 trains only the projector, tower and language model frozen;
-stage 2 fine-tunes only the language model, tower and projector frozen. The loss is the cross-entropy of the
-assistant's answer tokens (and the closing <|eot_id|>) only.
+Stage V pretrains the vision tower alone with an auxiliary classification head (shape, color, background) on its
+mean-pooled last layer, the analogue of SigLIP being pretrained before LLaVA training; the head is discarded.
+Stage 0 trains the tower, projector and language model together on the answer loss (the auxiliary loss stays on
+the tower); stage 1 trains only the projector, tower and language model frozen; stage 2 fine-tunes only the
+language model, tower and projector frozen. The answer loss is the cross-entropy of the assistant's answer tokens
+(and the closing <|eot_id|>) only.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -25,29 +27,105 @@ from llama3v_export.tiny import write_processor_files
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from .model import TOKENS_PER_IMAGE, generation_config, llava_config, processor
-from .shapes import QUESTIONS, answer, make_sample, question_for
+from .shapes import BACKGROUNDS, COLORS, QUESTIONS, SHAPES, answer, make_sample, question_for
 
 TRAIN_SEED = 0
+# Held-out images on which the tower's auxiliary classifier is scored after stages V and 0 (not the evaluation
+# command's seed 1000, the test's 2000 or the example image's 3000).
+VALIDATION_SEED = 500
+VALIDATION_IMAGES = 1000
 PARAPHRASE_RATE = 0.2
 IGNORE = -100
 WORKERS = 2
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Stage:
     name: str
-    trains: tuple[str, ...]  # parameter-name prefixes that get gradients
+    trains: tuple[str, ...]  # parameter-name prefixes that get gradients ("aux_head" is the auxiliary classifier)
     steps: int
     lr: float
+    batch_size: int
+    answer_loss: bool  # the language model's answer loss (stage V runs the tower alone)
+    aux_loss: bool  # the tower's auxiliary classification loss
 
 
+TOWER = ("model.vision_tower", "aux_head")
 STAGES = (
+    Stage("V-vision", TOWER, 6000, 2e-3, 64, answer_loss=False, aux_loss=True),
     Stage(
-        "0-joint", ("model.vision_tower", "model.multi_modal_projector", "model.language_model", "lm_head"), 3500, 1e-3
+        "0-joint",
+        (*TOWER, "model.multi_modal_projector", "model.language_model", "lm_head"),
+        1200,
+        1e-3,
+        48,
+        answer_loss=True,
+        aux_loss=True,
     ),
-    Stage("1-projector", ("model.multi_modal_projector",), 300, 1e-3),
-    Stage("2-language-model", ("model.language_model", "lm_head"), 600, 5e-4),
+    Stage("1-projector", ("model.multi_modal_projector",), 200, 1e-3, 48, answer_loss=True, aux_loss=False),
+    Stage("2-language-model", ("model.language_model", "lm_head"), 400, 5e-4, 48, answer_loss=True, aux_loss=False),
 )
+
+
+class AuxHead(torch.nn.Module):
+    """Shape, color and background logits from the mean over image tokens of the tower's last encoder layer: the
+    features LLaVA reads (`vision_feature_layer` -1 is the last layer's output, before the post-layernorm). Used in
+    stages V and 0 only; not part of the checkpoint."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.linear = torch.nn.Linear(hidden, len(SHAPES) + len(COLORS) + len(BACKGROUNDS))
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.linear(self.norm(features.mean(1)))
+        return logits.split([len(SHAPES), len(COLORS), len(BACKGROUNDS)], dim=-1)
+
+
+class Trainee:
+    """The LLaVA model with the auxiliary head beside it; a hook keeps the tower's last-layer output of the
+    current forward pass for the head."""
+
+    def __init__(self, model: LlavaForConditionalGeneration):
+        self.model = model
+        self.aux_head = AuxHead(model.config.vision_config.hidden_size)
+        self.features: torch.Tensor | None = None
+        model.model.vision_tower.encoder.layers[-1].register_forward_hook(self._keep)
+
+    def _keep(self, _module, _inputs, output) -> None:
+        self.features = output[0] if isinstance(output, tuple) else output
+
+    def named_parameters(self):
+        # Names as in the checkpoint ("model.vision_tower...", "lm_head...") plus "aux_head...".
+        yield from self.model.named_parameters()
+        yield from self.aux_head.named_parameters(prefix="aux_head")
+
+
+def label_tensor(labels: list[tuple[str, str, str]]) -> torch.Tensor:
+    names = (SHAPES, tuple(COLORS), BACKGROUNDS)
+    return torch.tensor([[n.index(v) for n, v in zip(names, row, strict=True)] for row in labels])
+
+
+def flip(pixels: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """Each image mirrored left-right and/or top-bottom at random. The generator's distribution is symmetric under
+    both mirrors (free or +-20 degree turns, uniform position), so the labels stay right: four images per image."""
+    out = pixels.clone()
+    for row in range(out.shape[0]):
+        dims = [d for d, p in ((-1, rng.random()), (-2, rng.random())) if p < 0.5]
+        if dims:
+            out[row] = out[row].flip(dims)
+    return out
+
+
+def aux_accuracy(trainee: Trainee, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The auxiliary classifier's accuracy on held-out images (shape, color, background)."""
+    with torch.no_grad():
+        trainee.model.model.vision_tower(pixel_values=pixels)
+        logits = trainee.aux_head(trainee.features)
+    return {
+        name: round((part.argmax(-1) == labels[:, k]).float().mean().item(), 4)
+        for k, (name, part) in enumerate(zip(("shape", "color", "background"), logits, strict=True))
+    }
 
 
 def _pixels_chunk(args: tuple[int, int, int]) -> tuple[torch.Tensor, list[tuple[str, str, str]]]:
@@ -114,27 +192,56 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def set_trainable(model: torch.nn.Module, prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:
+def set_trainable(trainee: Trainee, prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:
     params = []
-    for name, param in model.named_parameters():
+    for name, param in trainee.named_parameters():
         param.requires_grad_(name.startswith(prefixes))
         if param.requires_grad:
             params.append(param)
     return params
 
 
-def run_stage(
-    model: LlavaForConditionalGeneration,
+def stage_loss(
+    trainee: Trainee,
     stage: Stage,
     pixels: torch.Tensor,
-    labels: list[tuple[str, str, str]],
+    labels: torch.Tensor,
+    names: list[tuple[str, str, str]],
     encoder: Encoder,
-    batch_size: int,
+    rng: random.Random,
+) -> torch.Tensor:
+    loss = torch.zeros(())
+    if stage.answer_loss:
+        pairs = []
+        for shape, color, background in names:
+            kind = rng.choice(list(QUESTIONS))
+            pairs.append((question_for(kind, rng, PARAPHRASE_RATE), answer(kind, shape, color, background)))
+        batch = encoder.batch(pairs)
+        logits = trainee.model(
+            input_ids=batch["input_ids"], pixel_values=pixels, attention_mask=batch["attention_mask"]
+        ).logits
+        loss = loss + answer_loss(logits, batch["labels"])
+    else:
+        trainee.model.model.vision_tower(pixel_values=pixels)
+    if stage.aux_loss:
+        parts = trainee.aux_head(trainee.features)
+        loss = loss + sum(torch.nn.functional.cross_entropy(p, labels[:, k]) for k, p in enumerate(parts))
+    return loss
+
+
+def run_stage(
+    trainee: Trainee,
+    stage: Stage,
+    data: tuple[torch.Tensor, list[tuple[str, str, str]]],
+    validation: tuple[torch.Tensor, torch.Tensor],
+    encoder: Encoder,
     rng: random.Random,
     log,
 ) -> dict:
-    params = set_trainable(model, stage.trains)
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    pixels, names = data
+    labels = label_tensor(names)
+    params = set_trainable(trainee, stage.trains)
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.05, betas=(0.9, 0.98))
     warmup = max(1, stage.steps // 20)
 
     def lr_at(step: int) -> float:
@@ -143,19 +250,13 @@ def run_stage(
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, stage.steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    model.train()
+    trainee.model.train()
     start, recent, history = time.time(), [], []
     for step in range(stage.steps):
-        index = [rng.randrange(len(labels)) for _ in range(batch_size)]
-        pairs = []
-        for i in index:
-            kind = rng.choice(list(QUESTIONS))
-            pairs.append((question_for(kind, rng, PARAPHRASE_RATE), answer(kind, *labels[i])))
-        batch = encoder.batch(pairs)
-        logits = model(
-            input_ids=batch["input_ids"], pixel_values=pixels[index], attention_mask=batch["attention_mask"]
-        ).logits
-        loss = answer_loss(logits, batch["labels"])
+        index = [rng.randrange(len(names)) for _ in range(stage.batch_size)]
+        loss = stage_loss(
+            trainee, stage, flip(pixels[index], rng), labels[index], [names[i] for i in index], encoder, rng
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -167,47 +268,61 @@ def run_stage(
             history.append({"step": step + 1, "loss": round(mean, 5)})
             log(f"stage {stage.name} step {step + 1}/{stage.steps} loss {mean:.4f} ({time.time() - start:.0f} s)")
             recent = []
-    model.eval()
-    return {
+    seconds = round(time.time() - start, 1)
+    trainee.model.eval()
+    report = {
         "stage": stage.name,
         "trains": list(stage.trains),
         "trainable_params": sum(p.numel() for p in params),
         "steps": stage.steps,
-        "batch_size": batch_size,
+        "batch_size": stage.batch_size,
         "lr": stage.lr,
+        "loss": ("answer" if stage.answer_loss else "")
+        + (" + " if stage.answer_loss and stage.aux_loss else "")
+        + ("auxiliary classification" if stage.aux_loss else ""),
         "first_loss": history[0]["loss"],
         "final_loss": history[-1]["loss"],
-        "seconds": round(time.time() - start, 1),
+        "seconds": seconds,
         "loss_every_50": history,
     }
+    if stage.aux_loss:
+        report["validation_aux_accuracy"] = aux_accuracy(trainee, *validation)
+        log(f"stage {stage.name}: tower's auxiliary accuracy on held-out images {report['validation_aux_accuracy']}")
+    return report
 
 
-def train(out: Path, images: int, batch_size: int, threads: int, seed: int, log=print) -> dict:
+def train(out: Path, images: int, threads: int, seed: int, stages: tuple[Stage, ...], log=print) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     total = time.time()
     proc = processor()
     t = time.time()
-    pixels, labels = make_dataset(TRAIN_SEED, images, workers=WORKERS)
+    data = make_dataset(TRAIN_SEED, images, workers=WORKERS)
+    val_pixels, val_names = make_dataset(VALIDATION_SEED, VALIDATION_IMAGES, workers=WORKERS)
     data_seconds = round(time.time() - t, 1)
-    log(f"{images} training images generated and preprocessed in {data_seconds} s")
+    log(f"{images} training and {VALIDATION_IMAGES} validation images generated and preprocessed in {data_seconds} s")
     model = LlavaForConditionalGeneration(llava_config(proc))
     log(f"model: {sum(p.numel() for p in model.parameters())} parameters")
+    trainee = Trainee(model)
     encoder = Encoder(proc)
-    stages = [run_stage(model, s, pixels, labels, encoder, batch_size, rng, log) for s in STAGES]
+    validation = (val_pixels, label_tensor(val_names))
+    reports = [run_stage(trainee, s, data, validation, encoder, rng, log) for s in stages]
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = generation_config(proc)
     model.save_pretrained(out, safe_serialization=True)
     write_processor_files(proc, out)
+    steps = " ".join(str(s.steps) for s in stages)
     report = {
-        "command": f"python -m llama3v_train.train --out {out} --images {images} --batch-size {batch_size} "
-        f"--threads {threads} --seed {seed}",
+        "command": f"python -m llama3v_train.train --out {out} --images {images} --threads {threads} --seed {seed} "
+        f"--steps {steps}",
         "torch": torch.__version__,
         "train_image_seed": TRAIN_SEED,
         "images": images,
+        "validation_image_seed": VALIDATION_SEED,
+        "validation_images": VALIDATION_IMAGES,
         "data_seconds": data_seconds,
-        "stages": stages,
+        "stages": reports,
         "total_seconds": round(time.time() - total, 1),
     }
     (out / "training_log.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -218,18 +333,19 @@ def train(out: Path, images: int, batch_size: int, threads: int, seed: int, log=
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama3v-train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
-    parser.add_argument("--images", type=int, default=12000, help="training images (seed 0)")
-    parser.add_argument("--batch-size", type=int, default=48)
+    parser.add_argument("--images", type=int, default=30000, help="training images (seed 0)")
     # One compute thread: on a shared 2-core machine a 2-thread pool spends its time waiting for the other core
     # (measured: 0.1 s per step with 1 thread, 0.3 s with 2). Data generation uses WORKERS processes.
     parser.add_argument("--threads", type=int, default=1, help="torch compute threads")
     parser.add_argument("--seed", type=int, default=0, help="initialization and batch-order seed")
-    parser.add_argument("--steps", type=int, nargs=3, metavar=("S0", "S1", "S2"), help="override stage steps")
+    parser.add_argument(
+        "--steps", type=int, nargs=len(STAGES), metavar=tuple(s.name for s in STAGES), help="override stage steps"
+    )
     args = parser.parse_args(argv)
+    stages = STAGES
     if args.steps:
-        global STAGES
-        STAGES = tuple(Stage(s.name, s.trains, n, s.lr) for s, n in zip(STAGES, args.steps, strict=True))
-    train(args.out, args.images, args.batch_size, args.threads, args.seed, log=lambda m: print(m, flush=True))
+        stages = tuple(dataclasses.replace(s, steps=n) for s, n in zip(STAGES, args.steps, strict=True))
+    train(args.out, args.images, args.threads, args.seed, stages, log=lambda m: print(m, flush=True))
     return 0
 
 
