@@ -216,7 +216,7 @@ fn decode_inner(
             decode_jpeg(bytes, limits, resize_to, times)
         } else {
             if format == ImageFormat::Png {
-                if let Some(rgb) = timed(&mut times.decode, || fast_png::decode(bytes, limits)) {
+                if let Some(rgb) = fast_png::decode(bytes, limits, resize_to, times) {
                     return Ok(rgb);
                 }
             }
@@ -987,7 +987,7 @@ mod tests {
     #[test]
     fn preprocess_image_equals_decode_then_pixel_values() {
         // Downscales (streamed: horizontal pass first), a vertical-first one, an upscale,
-        // same width, same size; grey and colour.
+        // same width, same size; grey and colour JPEG, RGB and RGBA PNG.
         let cases = [
             ((1200, 900), (384, 384)),
             ((700, 301), (336, 512)),
@@ -1007,7 +1007,13 @@ mod tests {
                 .write_image(grey.as_raw(), w, h, image::ExtendedColorType::L8)
                 .unwrap();
             files.push(buf);
+            let rgba = DynamicImage::ImageRgb8(img.clone()).to_rgba8();
+            let rgba = image::RgbaImage::from_fn(w, h, |x, y| {
+                let p = rgba.get_pixel(x, y);
+                image::Rgba([p[0], p[1], p[2], ((x * 5 + y * 3) % 256) as u8])
+            });
             files.push(encode_png(&DynamicImage::ImageRgb8(img)));
+            files.push(encode_png(&DynamicImage::ImageRgba8(rgba)));
             let cfg = PreprocessConfig::siglip(oh, ow);
             for (j, file) in files.iter().enumerate() {
                 let want = pixel_values(&decode_image(file, "x", &limits).unwrap(), &cfg);

@@ -13,10 +13,11 @@
 //! compare them).
 
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use image::RgbImage;
 
-use super::{check_size, over_white, DecodeLimits};
+use super::{check_size, over_white, timed, DecodeLimits, RowResizer, StageTimes};
 
 const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 
@@ -45,7 +46,41 @@ impl Header {
 }
 
 /// Decodes `bytes` if it is a PNG this path handles; `None` means "use the general decoder".
-pub(super) fn decode(bytes: &[u8], limits: &DecodeLimits) -> Option<RgbImage> {
+///
+/// With `resize_to`, when the resize runs horizontally first, each row goes through the
+/// horizontal pass as soon as it is unfiltered and the image comes back resized (see
+/// [`super::preprocess_image`]); otherwise it comes back at its own size.
+pub(super) fn decode(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    resize_to: Option<(u32, u32)>,
+    times: &mut StageTimes,
+) -> Option<RgbImage> {
+    let start = Instant::now();
+    let decoded = decode_rows(bytes, limits, resize_to);
+    let elapsed = start.elapsed();
+    let Some((rows, header, overlapped)) = decoded else {
+        times.decode += elapsed;
+        return None;
+    };
+    // In turn, the horizontal pass's time is part of `elapsed`; overlapped, it ran on the
+    // other thread while this one inflated.
+    let resized_inline = if overlapped {
+        Duration::ZERO
+    } else {
+        rows.resize_time
+    };
+    times.decode += elapsed.saturating_sub(resized_inline);
+    times.resize += resized_inline;
+    rows.finish(&header, times)
+}
+
+/// The unfiltered rows (and whether that ran on a second thread).
+fn decode_rows(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    resize_to: Option<(u32, u32)>,
+) -> Option<(Rows, Header, bool)> {
     let (header, idat) = parse(bytes)?;
     let (w, h) = (u64::from(header.width), u64::from(header.height));
     check_size(w, h, header.channels as u64 + 3, limits).ok()?;
@@ -55,7 +90,7 @@ pub(super) fn decode(bytes: &[u8], limits: &DecodeLimits) -> Option<RgbImage> {
             let unfilter = std::thread::Builder::new()
                 .name("png-unfilter".into())
                 .spawn_scoped(s, || {
-                    let mut rows = Rows::new(&header);
+                    let mut rows = Rows::new(&header, resize_to);
                     for band in rx {
                         if !rows.push(&band) {
                             return None;
@@ -73,15 +108,14 @@ pub(super) fn decode(bytes: &[u8], limits: &DecodeLimits) -> Option<RgbImage> {
     } else {
         None
     };
-    let rows = match overlapped {
-        Some(rows) => rows?,
+    match overlapped {
+        Some(rows) => Some((rows?, header, true)),
         None => {
-            let mut rows = Rows::new(&header);
+            let mut rows = Rows::new(&header, resize_to);
             inflate(&idat, &header, |band| rows.push(band))?;
-            rows
+            Some((rows, header, false))
         }
-    };
-    rows.finish(&header)
+    }
 }
 
 /// The header and the IDAT payloads of a PNG made only of IHDR, IDATs, [`IGNORED_CHUNKS`]
@@ -195,24 +229,43 @@ fn inflate(idat: &[&[u8]], header: &Header, mut emit: impl FnMut(&[u8]) -> bool)
 }
 
 /// The unfiltering side: takes filtered rows in order, keeps the previous unfiltered row,
-/// and writes each row's RGB pixels.
+/// and writes each row's RGB pixels, or hands them to the horizontal pass.
 struct Rows {
     channels: usize,
     /// The previous row, unfiltered (zeros before the first row).
     prev: Vec<u8>,
     /// The row being unfiltered.
     cur: Vec<u8>,
+    /// One RGB row, for RGBA input going to `resizer`.
+    rgb_row: Vec<u8>,
+    /// The next row's index.
+    y: usize,
+    /// The whole image, when not resized on the fly.
     rgb: Vec<u8>,
+    resizer: Option<RowResizer>,
+    /// Time spent in `resizer`'s horizontal pass.
+    resize_time: Duration,
 }
 
 impl Rows {
-    fn new(header: &Header) -> Rows {
+    fn new(header: &Header, resize_to: Option<(u32, u32)>) -> Rows {
         let samples = header.stride() - 1;
+        let resizer =
+            resize_to.and_then(|(w, h)| RowResizer::new(header.width, header.height, w, h));
+        let whole = if resizer.is_some() {
+            0
+        } else {
+            header.width as usize * header.height as usize * 3
+        };
         Rows {
             channels: header.channels,
             prev: vec![0; samples],
             cur: vec![0; samples],
-            rgb: Vec::with_capacity(header.width as usize * header.height as usize * 3),
+            rgb_row: Vec::with_capacity(header.width as usize * 3),
+            y: 0,
+            rgb: Vec::with_capacity(whole),
+            resizer,
+            resize_time: Duration::ZERO,
         }
     }
 
@@ -227,25 +280,37 @@ impl Rows {
             if !ok {
                 return false;
             }
-            if self.channels == 3 {
-                self.rgb.extend_from_slice(&self.cur);
+            let rgb = if self.channels == 3 {
+                &self.cur
             } else {
+                self.rgb_row.clear();
                 for p in self.cur.chunks_exact(4) {
                     let a = p[3];
-                    self.rgb.extend_from_slice(&[
+                    self.rgb_row.extend_from_slice(&[
                         over_white(p[0], a),
                         over_white(p[1], a),
                         over_white(p[2], a),
                     ]);
                 }
+                &self.rgb_row
+            };
+            match &mut self.resizer {
+                Some(resizer) => {
+                    timed(&mut self.resize_time, || resizer.push(self.y, rgb));
+                }
+                None => self.rgb.extend_from_slice(rgb),
             }
+            self.y += 1;
             std::mem::swap(&mut self.prev, &mut self.cur);
         }
         true
     }
 
-    fn finish(self, header: &Header) -> Option<RgbImage> {
-        RgbImage::from_raw(header.width, header.height, self.rgb)
+    fn finish(self, header: &Header, times: &mut StageTimes) -> Option<RgbImage> {
+        match self.resizer {
+            Some(resizer) => Some(timed(&mut times.resize, || resizer.finish())),
+            None => RgbImage::from_raw(header.width, header.height, self.rgb),
+        }
     }
 }
 
@@ -372,7 +437,9 @@ mod tests {
                     let png = encode(w, h, channels, filter, seed as u32 + w);
                     let want = general(&png);
                     for threads in [1, 2] {
-                        let got = with_threads(threads, || decode(&png, &limits));
+                        let got = with_threads(threads, || {
+                            decode(&png, &limits, None, &mut StageTimes::default())
+                        });
                         let got = got.unwrap_or_else(|| {
                             panic!("{filter:?} {w}x{h}x{channels}: fast path declined")
                         });
@@ -404,7 +471,14 @@ mod tests {
             println!("{w}x{h}x{channels}: {idat_chunks} IDAT chunks");
             let want = general(&png);
             for threads in [1, 2] {
-                let got = with_threads(threads, || decode(&png, &DecodeLimits::default()));
+                let got = with_threads(threads, || {
+                    decode(
+                        &png,
+                        &DecodeLimits::default(),
+                        None,
+                        &mut StageTimes::default(),
+                    )
+                });
                 assert!(got.as_ref() == Some(&want), "{w}x{h}, {threads} thread(s)");
             }
         }
@@ -442,7 +516,7 @@ mod tests {
     fn declines_what_it_does_not_handle() {
         let limits = DecodeLimits::default();
         let png = encode(40, 30, 3, FilterType::Adaptive, 1);
-        assert!(decode(&png, &limits).is_some());
+        assert!(decode(&png, &limits, None, &mut StageTimes::default()).is_some());
         let iend = png.len() - 12;
 
         let mut bad_crc = png.clone();
@@ -471,14 +545,15 @@ mod tests {
             file.extend_from_slice(&png[iend..]);
             file
         };
-        let black = decode(&with_filter(0), &limits).expect("filter type 0 is accepted");
+        let black = decode(&with_filter(0), &limits, None, &mut StageTimes::default())
+            .expect("filter type 0 is accepted");
         assert!(black.as_raw().iter().all(|&v| v == 0));
         let bad_filter = with_filter(7);
         let mut grey = png.clone();
         grey[25] = 0; // colour type 0
         fix_crc(&mut grey, 12);
 
-        assert!(decode(&ignored, &limits).is_some());
+        assert!(decode(&ignored, &limits, None, &mut StageTimes::default()).is_some());
         for (name, file) in [
             ("bad CRC", &bad_crc),
             ("data after IEND", &trailing),
@@ -488,13 +563,19 @@ mod tests {
             ("greyscale", &grey),
             ("cut short", &png[..png.len() / 2].to_vec()),
         ] {
-            assert!(decode(file, &limits).is_none(), "{name}");
+            assert!(
+                decode(file, &limits, None, &mut StageTimes::default()).is_none(),
+                "{name}"
+            );
         }
         let tight = DecodeLimits {
             max_width: 39,
             ..limits
         };
-        assert!(decode(&png, &tight).is_none(), "over the limits");
+        assert!(
+            decode(&png, &tight, None, &mut StageTimes::default()).is_none(),
+            "over the limits"
+        );
     }
 
     /// A zlib stream holding `data` in stored (uncompressed) deflate blocks.
