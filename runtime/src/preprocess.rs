@@ -492,10 +492,10 @@ fn stream_jpeg_rows(
                     Some(resizer)
                 });
             let Ok(worker) = worker else {
-                return Err(resizer);
+                return Err(Box::new(resizer));
             };
             if let Err(returned) = start_tx.send(resizer) {
-                return Err(returned.0);
+                return Err(Box::new(returned.0));
             }
             let decoded = decode(times, &mut |y, band| tx.send((y, band)).is_ok());
             drop(tx);
@@ -513,7 +513,7 @@ fn stream_jpeg_rows(
                     .ok_or_else(|| std::io::Error::other("the resize thread failed"))?;
                 return Ok(timed(&mut times.resize, || resizer.finish()));
             }
-            Err(returned) => resizer = returned,
+            Err(returned) => resizer = *returned,
         }
     }
     let mut resize_time = Duration::ZERO;
