@@ -26,12 +26,20 @@
 //! * **Rescale** is `(x as f64 * rescale_factor) as f32` (transformers upcasts to float64,
 //!   multiplies, then downcasts); **normalize** is `(x - mean) / std` in `f32`.
 //!
-//! JPEG is decoded with libjpeg-turbo's decoder (as vendored by MozJPEG, no SIMD), the
-//! decoder Pillow wraps, so IDCT, chroma upsampling and colour conversion match exactly;
-//! the pure-Rust JPEG decoders differ from it by up to 4 levels in 5-20% of the pixels.
-//! Like Pillow, a JPEG that ends before its image does is an error; other libjpeg warnings
-//! are not. PNG, GIF, BMP and WebP (lossy included) go through the `image` crate, whose
-//! output matches Pillow's on every case in `tests/python/test_preprocess.py`.
+//! JPEG is decoded with libjpeg-turbo's decoder (as vendored by MozJPEG, with its SIMD
+//! paths, which are bit-exact with its C ones), the decoder Pillow wraps, so IDCT, chroma
+//! upsampling and colour conversion match exactly; the pure-Rust JPEG decoders differ from
+//! it by up to 4 levels in 5-20% of the pixels. Like Pillow, a JPEG that ends before its
+//! image does is an error; other libjpeg warnings are not. 8-bit RGB and RGBA PNGs go
+//! through a faster decoder of our own (`fast_png.rs`); other PNGs, GIF, BMP and WebP
+//! (lossy included) through the `image` crate, whose output matches Pillow's on every
+//! case in `tests/python/test_preprocess.py`.
+//!
+//! Speed without changing a value: the resize's passes run over row bands in parallel on
+//! the current rayon pool, with AVX2 kernels where the CPU has them (`resize.rs`). And
+//! [`preprocess_image`] feeds decoded rows of JPEGs and fast-path PNGs to the horizontal
+//! pass as they come out of the decoder, on a second thread when the pool has one, so the
+//! full-size image is never held and decoding overlaps resizing.
 //!
 //! Known differences from the reference: Pillow 12 and older always resize horizontally
 //! first, so against references made with them, images whose height shrinks much more than
@@ -176,8 +184,9 @@ pub fn decode_image_timed(
     decode_inner(bytes, source_name, limits, None, times)
 }
 
-/// [`decode_image_timed`]; with `resize_to`, a JPEG whose resize runs horizontally first
-/// comes back already resized to it (see [`preprocess_image`]), anything else at its size.
+/// [`decode_image_timed`]; with `resize_to`, a JPEG or fast-path PNG whose resize runs
+/// horizontally first comes back already resized to it (see [`preprocess_image`]),
+/// anything else at its own size.
 fn decode_inner(
     bytes: &[u8],
     source_name: &str,
@@ -554,10 +563,10 @@ fn decode_dynamic(
 /// The vision tower's input for one encoded image: [`pixel_values`] of [`decode_image`],
 /// with the same values, adding the time of its stages to `times`.
 ///
-/// For a JPEG whose resize starts with the horizontal pass (downscaling photos), decoded
-/// rows go through that pass band by band as they come out of the decoder, on a second
-/// thread when the current rayon pool has more than one: the full-size image is never
-/// held, and decoding and resizing overlap.
+/// For a JPEG or an 8-bit RGB(A) PNG whose resize starts with the horizontal pass
+/// (downscaling photos), decoded rows go through that pass as they come out of the
+/// decoder, on a second thread when the current rayon pool has more than one: the
+/// full-size image is never held, and decoding and resizing overlap.
 pub fn preprocess_image(
     bytes: &[u8],
     source_name: &str,
