@@ -13,9 +13,13 @@ from helpers import REPO, llama3v
 from llama3v_export.cli import export_model
 
 CHECKPOINT = REPO / "models-src" / "shapes"
-# Not the training seed (0) nor the evaluation command's default (1000).
+# Not the training seed (0), the training's validation seed (500) nor the evaluation command's default (1000).
 TEST_SEED = 2000
-TEST_IMAGES = 6
+# 20 images x 3 questions: about half a minute of runtime calls. The evaluation command measures 600.
+TEST_IMAGES = 20
+# The task's goal is 97% per question on 600 images (train/README.md); on 20 images that allows no error, so the
+# test allows one per question: it guards against a broken model or pipeline, the evaluation command measures.
+MIN_ACCURACY = 0.95
 
 
 def train_modules():
@@ -76,7 +80,14 @@ def test_runtime_answers_equal_pytorch(answers):
     assert not differ, f"{len(differ)} of {len(answers)} runtime answers differ from transformers': {differ}"
 
 
-@pytest.mark.xfail(strict=True, reason="the committed checkpoint misses the task's accuracy goal (train/README.md)")
 def test_trained_model_answers_fresh_images(answers):
-    wrong = [r for r in answers if r["got"] != r["want"]]
-    assert not wrong, f"{len(wrong)} of {len(answers)} answers wrong: {wrong}"
+    shapes, _ = train_modules()
+    failures = []
+    for question in shapes.QUESTIONS.values():
+        rows = [r for r in answers if r["question"] == question]
+        wrong = [r for r in rows if r["got"] != r["want"]]
+        accuracy = 1 - len(wrong) / len(rows)
+        print(f"{question!r}: {accuracy:.1%} exact answers on {len(rows)} images (minimum {MIN_ACCURACY:.0%})")
+        if accuracy < MIN_ACCURACY:
+            failures.append(f"{question!r}: {accuracy:.1%} < {MIN_ACCURACY:.0%}, wrong: {wrong}")
+    assert not failures, "\n".join(failures)
