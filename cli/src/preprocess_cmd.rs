@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use llama3v::preprocess::{preprocess_file, DecodeLimits, PreprocessConfig, StageTimes};
+use llama3v::preprocess::{
+    load_image_timed, pixel_values_timed, preprocess_file, DecodeLimits, PreprocessConfig,
+    StageTimes,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct PreprocessArgs {
@@ -42,6 +45,10 @@ pub struct PreprocessArgs {
     /// Threads for the resize (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Decode the whole image, then resize it (the path `generate` and `serve` take),
+    /// instead of resizing rows as they are decoded. The values are the same.
+    #[arg(long)]
+    pub whole_image: bool,
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
@@ -101,7 +108,12 @@ fn run_in_pool(args: &PreprocessArgs) -> anyhow::Result<()> {
     };
     let limits = DecodeLimits::default();
     let preprocess = |times: &mut StageTimes| -> anyhow::Result<Vec<f32>> {
-        Ok(preprocess_file(&args.image, &cfg, &limits, times)?)
+        if args.whole_image {
+            let img = load_image_timed(&args.image, &limits, times)?;
+            Ok(pixel_values_timed(&img, &cfg, times))
+        } else {
+            Ok(preprocess_file(&args.image, &cfg, &limits, times)?)
+        }
     };
     let mut first = StageTimes::default();
     let values = preprocess(&mut first)?;
