@@ -12,7 +12,8 @@ decode, convert to RGB, bicubic resize, rescale, normalize. Both are timed in pr
   `Image.open` + `load()` alone (read + decode).
 
 The two sides alternate for --rounds rounds; each figure is the median over rounds of the per-round
-medians. The start-up cost of a whole `llama3v preprocess` process (what one command-line call adds on
+medians. On a machine shared with other jobs, the fastest single run of each side (printed last) is the
+least disturbed estimate. The start-up cost of a whole `llama3v preprocess` process (what one command-line call adds on
 top of the in-process time) is measured separately. The outputs of the two are compared.
 
     .venv/bin/python scripts/bench_preprocess.py [--llama3v target/release/llama3v] [--size 384] \
@@ -47,14 +48,18 @@ def make_inputs(work: Path) -> dict[str, Path]:
     return {"4000x3000 JPEG": jpeg, "1024x1024 PNG": png}
 
 
-def median_ms(run, repeats: int) -> float:
+def timings_ms(run, repeats: int) -> list[float]:
     run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_ms(run, repeats: int) -> float:
+    return statistics.median(timings_ms(run, repeats))
 
 
 def rust_stages(command: list[str], repeats: int, threads: int, *extra: str) -> dict[str, float]:
@@ -71,6 +76,7 @@ def rust_stages(command: list[str], repeats: int, threads: int, *extra: str) -> 
         "threads": report["threads"],
         "first": report["first_run_ms"],
         "write": report["write_npy_ms"],
+        "min": report["min_total_ms"],
     }
 
 
@@ -111,7 +117,7 @@ def main() -> None:
                         "one": rust_stages(command, args.repeats, 1),
                         "all": rust_stages(command, args.repeats, 0),
                         "whole": rust_stages(command, args.repeats, 0, "--whole-image"),
-                        "python": median_ms(python, args.repeats),
+                        "python_runs": timings_ms(python, args.repeats),
                         "python_decode": median_ms(python_decode, args.repeats),
                     }
                 )
@@ -120,7 +126,8 @@ def main() -> None:
                 return statistics.median(pick(r) for r in rounds)
 
             process_ms = median_ms(lambda c=command: subprocess.run(c, check=True, capture_output=True), args.repeats)
-            python_ms = over_rounds(lambda r: r["python"])
+            python_ms = over_rounds(lambda r: statistics.median(r["python_runs"]))
+            python_min = min(min(r["python_runs"]) for r in rounds)
             python_decode_ms = over_rounds(lambda r: r["python_decode"])
             diff = float(np.abs(np.load(out) - python()).max())
 
@@ -142,6 +149,13 @@ def main() -> None:
                 f"process the first (cold) preprocessing takes {first_ms:.2f} ms and writing the .npy {write_ms:.2f} ms"
             )
             print(f"max abs diff vs python: {diff:.2e}")
+            fastest = {key: min(r[key]["min"] for r in rounds) for key in ("one", "all", "whole")}
+            print(
+                f"fastest single runs (least disturbed): python {python_min:.2f} ms; llama3v 1 thread "
+                f"{fastest['one']:.2f} ms ({python_min / fastest['one']:.2f}x), one per core {fastest['all']:.2f} ms "
+                f"({python_min / fastest['all']:.2f}x), whole image {fastest['whole']:.2f} ms "
+                f"({python_min / fastest['whole']:.2f}x)"
+            )
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 
