@@ -47,9 +47,10 @@ impl Header {
 
 /// Decodes `bytes` if it is a PNG this path handles; `None` means "use the general decoder".
 ///
-/// With `resize_to`, when the resize runs horizontally first, each row goes through the
-/// horizontal pass as soon as it is unfiltered and the image comes back resized (see
-/// [`super::preprocess_image`]); otherwise it comes back at its own size.
+/// With `resize_to`, decoding on one thread, and a resize that runs horizontally first,
+/// each row goes through the horizontal pass as soon as it is unfiltered and the image
+/// comes back resized (see [`super::preprocess_image`]); otherwise it comes back at its
+/// own size.
 pub(super) fn decode(
     bytes: &[u8],
     limits: &DecodeLimits,
@@ -90,7 +91,10 @@ fn decode_rows(
             let unfilter = std::thread::Builder::new()
                 .name("png-unfilter".into())
                 .spawn_scoped(s, || {
-                    let mut rows = Rows::new(&header, resize_to);
+                    // Rows are not resized here: with two threads or more, the resize
+                    // afterwards runs over all of them, which measured faster than this
+                    // thread doing the horizontal pass too (docs/PERFORMANCE.md).
+                    let mut rows = Rows::new(&header, None);
                     for band in rx {
                         if !rows.push(&band) {
                             return None;
