@@ -42,7 +42,8 @@ pub struct PreprocessArgs {
     /// With --repeat: print the timings as one JSON object instead of a table.
     #[arg(long, requires = "repeat")]
     pub json: bool,
-    /// Threads for the resize (0 = one per core).
+    /// Threads for preprocessing: the resize's row bands, and decoding beside resizing
+    /// (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Decode the whole image, then resize it (the path `generate` and `serve` take),

@@ -122,6 +122,8 @@ impl Default for DecodeLimits {
 /// `read` is reading the file, `decode` the image decoder (to its native pixel layout),
 /// `convert` turning that into 8-bit RGB (alpha compositing, CMYK, 16-bit), `resize` the
 /// bicubic resize and `normalize` rescaling and normalizing into the channel-major output.
+/// Where rows are resized as they are decoded on a second thread ([`preprocess_image`]),
+/// that work overlaps `decode`, and `resize` counts only what is left once decoding ends.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct StageTimes {
     pub read: Duration,
