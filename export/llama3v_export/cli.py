@@ -19,6 +19,8 @@ from .validate import Comparison, ValidationError, validate_graphs, validate_ref
 DEFAULT_OPSET = 17
 OPSETS = range(14, 21)
 FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16"}
+# `--external-data` → export_all's `external_data` (None: decided per graph by the size of its weights).
+EXTERNAL_DATA_CHOICES = {"auto": None, "always": True, "never": False}
 
 
 @dataclass
@@ -100,6 +102,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--opset", type=int, choices=OPSETS, default=DEFAULT_OPSET, metavar="N", help="ONNX opset, 14..20 (default 17)"
     )
     parser.add_argument("--skip-validation", action="store_true", help="do not compare the graphs with PyTorch")
+    parser.add_argument(
+        "--external-data",
+        choices=sorted(EXTERNAL_DATA_CHOICES),
+        default="auto",
+        help="weights in <graph>.onnx.data: auto (graphs with over 64 MiB of weights), always, never",
+    )
     return parser.parse_args(argv)
 
 
@@ -107,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = export_model(
-            args.checkpoint, args.out, args.dtype, args.reference, args.opset, validate=not args.skip_validation
+            args.checkpoint,
+            args.out,
+            args.dtype,
+            args.reference,
+            args.opset,
+            validate=not args.skip_validation,
+            external_data=EXTERNAL_DATA_CHOICES[args.external_data],
         )
     except CheckpointError as err:
         print(f"llama3v-export: error: {err}", file=sys.stderr)

@@ -207,6 +207,8 @@ def test_external_data_graphs_load_and_match(exports, tmp_path: Path) -> None:
     for name, entry in result.manifest["graphs"].items():
         assert entry["external_data"] == [{"file": f"{name}.onnx.data", "sha256": sha256(out / f"{name}.onnx.data")}]
         assert (out / entry["file"]).stat().st_size < 1 << 20, "weights should live in the data file"
+        modes = [(out / f).stat().st_mode & 0o777 for f in (entry["file"], f"{name}.onnx.data")]
+        assert modes[0] == modes[1], f"graph and data file modes differ: {[oct(m) for m in modes]}"
     assert all(c.passed for c in result.comparisons)
     # Run the reference cases of the in-file export through the external-data graphs.
     reference_dir = exports.model_dir("tiny-b") / "reference"
