@@ -2,27 +2,45 @@
 //
 // inputs_embeds [1,S,D], attention_mask [1,P+S], position_ids [1,S], past.{i} [1,KV,P,Hd]
 //   -> logits [1,1,V] (last position), present.{i} [1,KV,P+S,Hd]
+//
+// Two ways to run it. A plain run hands ONNX Runtime the inputs and gets every output back in host
+// memory: on the CPU that is where the cache lives anyway, but on CUDA or TensorRT it would copy the
+// whole cache to the host and back every step. A bound run ([`BoundIo`]) binds the present outputs to
+// the decoder's device memory and the next run's past inputs to those same values, so the cache never
+// leaves the device; only the logits are bound to host memory.
 
 use std::borrow::Cow;
 use std::time::Instant;
 
 use half::f16;
-use ort::session::SessionInputValue;
-use ort::value::TensorRef;
+use ort::memory::{Allocator, MemoryInfo};
+use ort::session::{IoBinding, SessionInputValue};
+use ort::value::{DynTensor, DynValue, Tensor, TensorRef};
 
 use crate::error::Result;
-use crate::graph::{read_last_row, Graph};
+use crate::graph::{ort_type, read_last_row, Device, Graph};
 use crate::kv_cache::KvCache;
-use crate::manifest::TensorDtype;
+use crate::manifest::{Dim, TensorDtype};
+
+/// How a decoder run hands its inputs and outputs to ONNX Runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepMode {
+    /// `Session::run`: inputs in, every output back in host memory.
+    Plain,
+    /// An IoBinding: the cache bound in the decoder's device memory, the logits in host memory.
+    Bound,
+}
 
 /// Runs `embeds` (`seq` rows of `hidden`) through the decoder after the cached positions, stores the
 /// grown cache back into `cache` and the last position's logits into `logits`.
 ///
-/// The embeddings (float32), attention mask and position ids go to ONNX Runtime as views of buffers
-/// the caller and the cache keep, so a decode step copies none of them into fresh tensors.
+/// A plain run hands the embeddings (float32), attention mask and position ids to ONNX Runtime as
+/// views of buffers the caller and the cache keep, so a decode step copies none of them into fresh
+/// tensors. A bound run keeps the sequence's binding in the cache, made by its first bound run.
 pub fn decoder_step(
     graph: &Graph,
     dtype: TensorDtype,
+    mode: StepMode,
     embeds: &[f32],
     seq: usize,
     cache: &mut KvCache,
@@ -38,6 +56,9 @@ pub fn decoder_step(
         return Err(graph.error("the decoder's float type cannot be int64".into()));
     }
     let hidden = embeds.len() / seq;
+    if mode == StepMode::Bound {
+        return bound_step(graph, dtype, embeds, seq, hidden, cache, logits);
+    }
     let past = cache.len();
     let total = past + seq;
     let spec = &graph.spec;
@@ -88,5 +109,148 @@ pub fn decoder_step(
     })?;
     cache.replace(presents, total);
     cache.set_last_run(ran.unwrap_or_default());
+    Ok(())
+}
+
+/// The decoder's IoBinding for one sequence, and the host tensors it reuses from run to run. It lives
+/// in the sequence's [`KvCache`] and goes with it.
+pub(crate) struct BoundIo {
+    binding: IoBinding,
+    /// Where the present outputs are bound: the decoder's device memory.
+    cache_memory: MemoryInfo<'static>,
+    /// Host memory, where the logits are bound when the manifest leaves their shape open.
+    host_memory: MemoryInfo<'static>,
+    /// The logits are bound once to a host tensor of the manifest's fixed `[1, 1, vocab]`, which every
+    /// run overwrites in place.
+    logits_prebound: bool,
+    /// The embeddings `[1, seq, hidden]` and position ids `[1, seq]` of the last run, refilled in place
+    /// while `seq` stays the same (every decode step). ONNX Runtime's binding copies a tensor that
+    /// borrows its data (to keep the borrow from outliving the run) but takes an owned one as it is.
+    embeds: Option<DynValue>,
+    positions: Option<DynValue>,
+}
+
+impl BoundIo {
+    fn new(graph: &Graph, dtype: TensorDtype) -> Result<BoundIo> {
+        let mut binding = graph.create_binding()?;
+        let logits = &graph.spec.outputs[0];
+        let vocab = match logits.shape.as_slice() {
+            [_, Dim::Fixed(1), Dim::Fixed(vocab)] if *vocab > 0 => Some(*vocab),
+            _ => None,
+        };
+        let logits_prebound = match vocab {
+            Some(vocab) => {
+                let tensor = DynTensor::new(&Allocator::default(), ort_type(dtype), [1, 1, vocab])?;
+                binding.bind_output(logits.name.as_str(), tensor)?;
+                true
+            }
+            None => false,
+        };
+        Ok(BoundIo {
+            binding,
+            cache_memory: graph.device.memory_info()?,
+            host_memory: Device::Cpu.memory_info()?,
+            logits_prebound,
+            embeds: None,
+            positions: None,
+        })
+    }
+}
+
+/// A host tensor of `shape` in `slot`, made anew only when the shape changed.
+fn reusable<'a>(
+    slot: &'a mut Option<DynValue>,
+    dtype: TensorDtype,
+    shape: &[i64],
+) -> Result<&'a mut DynValue> {
+    if slot.as_ref().is_none_or(|v| &v.shape()[..] != shape) {
+        let tensor = DynTensor::new(&Allocator::default(), ort_type(dtype), shape.to_vec())?;
+        *slot = Some(tensor.into_dyn());
+    }
+    slot.as_mut()
+        .ok_or_else(|| crate::error::Error::Ort("a reusable tensor was not made".into()))
+}
+
+/// [`decoder_step`] through the sequence's [`BoundIo`]: inputs from host buffers reused between steps,
+/// the past bound to the cache's values where the last run left them, the presents bound to the
+/// decoder's device, the logits to host memory.
+fn bound_step(
+    graph: &Graph,
+    dtype: TensorDtype,
+    embeds: &[f32],
+    seq: usize,
+    hidden: usize,
+    cache: &mut KvCache,
+    logits: &mut Vec<f32>,
+) -> Result<()> {
+    let past = cache.len();
+    let total = past + seq;
+    let spec = &graph.spec;
+    if cache.entries().len() + 3 != spec.inputs.len() {
+        return Err(graph.error(format!(
+            "the cache holds {} tensors, the graph takes {} past inputs",
+            cache.entries().len(),
+            spec.inputs.len().saturating_sub(3)
+        )));
+    }
+    let mut io = match cache.bound.take() {
+        Some(io) => io,
+        None => BoundIo::new(graph, dtype)?,
+    };
+
+    let embeds_value = reusable(&mut io.embeds, dtype, &[1, seq as i64, hidden as i64])?;
+    if dtype == TensorDtype::Float16 {
+        let (_, data) = embeds_value.try_extract_tensor_mut::<f16>()?;
+        for (half, value) in data.iter_mut().zip(embeds) {
+            *half = f16::from_f32(*value);
+        }
+    } else {
+        let (_, data) = embeds_value.try_extract_tensor_mut::<f32>()?;
+        data.copy_from_slice(embeds);
+    }
+    let positions = reusable(&mut io.positions, TensorDtype::Int64, &[1, seq as i64])?;
+    let (_, data) = positions.try_extract_tensor_mut::<i64>()?;
+    for (slot, position) in data.iter_mut().zip(past as i64..) {
+        *slot = position;
+    }
+    // The mask's shape grows every step, so it is the one input made anew each run.
+    let mask = Tensor::from_array(([1, total as i64], vec![1_i64; total]))?;
+
+    // ort's binding calls take names as owned strings: each bind costs one small allocation.
+    let binding = &mut io.binding;
+    if let (Some(embeds_value), Some(positions)) = (&io.embeds, &io.positions) {
+        binding.bind_input(spec.inputs[0].name.as_str(), embeds_value)?;
+        binding.bind_input(spec.inputs[2].name.as_str(), positions)?;
+    }
+    binding.bind_input(spec.inputs[1].name.as_str(), &mask)?;
+    for (input, value) in spec.inputs[3..].iter().zip(cache.entries()) {
+        binding.bind_input(input.name.as_str(), value)?;
+    }
+    if !io.logits_prebound {
+        binding.bind_output_to_device(spec.outputs[0].name.as_str(), &io.host_memory)?;
+    }
+    // Binding to a device (again) also drops the binding's hold on the last run's presents: bound to an
+    // allocated value, ONNX Runtime would write this run's presents into it, which are this run's past
+    // and one position shorter.
+    for output in &spec.outputs[1..] {
+        binding.bind_output_to_device(output.name.as_str(), &io.cache_memory)?;
+    }
+
+    let started = Instant::now();
+    let mut ran = None;
+    let result = graph.run_binding(&io.binding, |outputs| {
+        ran = Some(started.elapsed());
+        read_last_row(&graph.take_output(outputs, 0)?, logits)?;
+        (1..graph.spec.outputs.len())
+            .map(|i| graph.take_output(outputs, i))
+            .collect::<Result<Vec<_>>>()
+    });
+    // The binding holds the past and the other inputs until cleared: let the past go now, not at the
+    // next step, so the cache is not held twice between steps.
+    io.binding.clear_inputs();
+    let presents = result?;
+    cache.replace(presents, total);
+    cache.set_last_run(ran.unwrap_or_default());
+    cache.bound = Some(io);
     Ok(())
 }

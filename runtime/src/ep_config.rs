@@ -90,6 +90,11 @@ pub const KEYS: &[(&str, &str)] = &[
         "limits.opt_context",
         "the context length TensorRT tunes for, 1..=max_context (default max_context/2)",
     ),
+    (
+        "decode.io_binding",
+        "auto, true or false: bind the decoder's inputs and outputs so the KV cache stays in the \
+         provider's memory (default auto: on for CUDA and TensorRT, off on the CPU)",
+    ),
 ];
 
 const MIN_BYTES: u64 = 1 << 20;
@@ -154,6 +159,24 @@ impl Default for TensorRtOptions {
             builder_optimization_level: 3,
             max_workspace_size: None,
         }
+    }
+}
+
+/// How the decode loop drives the decoder graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DecodeOptions {
+    /// Run the decoder through an IoBinding: the present KV outputs are bound to the provider's device
+    /// memory and fed back as the next run's past inputs there, and only the logits are bound to host
+    /// memory. `None` (auto): on when the decoder runs on CUDA or TensorRT, where a plain run would
+    /// return the whole cache to the host every step; off on the CPU, where both paths leave the cache
+    /// in place and the plain run measured as fast (docs/PERFORMANCE.md).
+    pub io_binding: Option<bool>,
+}
+
+impl DecodeOptions {
+    /// Whether the decoder of a graph on `device_is_gpu` runs through the binding.
+    pub fn io_binding_on(&self, device_is_gpu: bool) -> bool {
+        self.io_binding.unwrap_or(device_is_gpu)
     }
 }
 
@@ -243,6 +266,7 @@ pub struct EpOptions {
     pub cuda: CudaOptions,
     pub tensorrt: TensorRtOptions,
     pub limits: RequestLimits,
+    pub decode: DecodeOptions,
 }
 
 /// A value as the file or the command line gave it; command-line values are always strings.
@@ -396,6 +420,12 @@ impl EpOptions {
             "limits.prefill_chunk" => {
                 self.limits.prefill_chunk =
                     as_int(value, 0, i64::from(u32::MAX)).ok_or_else(bad)? as usize
+            }
+            "decode.io_binding" => {
+                self.decode.io_binding = match value {
+                    OptionValue::Str(s) if s.eq_ignore_ascii_case("auto") => None,
+                    _ => Some(as_bool(value).ok_or_else(bad)?),
+                }
             }
             _ => return Err(bad()),
         }
@@ -647,6 +677,7 @@ mod tests {
             "limits.prefill_chunk=256",
             "cpu.arena=false",
             "cpu.prepack_weights=no",
+            "decode.io_binding=on",
         ] {
             o.apply_arg(arg).unwrap_or_else(|e| panic!("{arg}: {e}"));
         }
@@ -679,6 +710,47 @@ mod tests {
                 prepack_weights: false
             }
         );
+        assert_eq!(o.decode.io_binding, Some(true));
+    }
+
+    #[test]
+    fn io_binding_is_auto_true_or_false() {
+        let mut o = EpOptions::default();
+        // auto: bound on a GPU, plain on the CPU.
+        assert_eq!(o.decode.io_binding, None);
+        assert!(o.decode.io_binding_on(true) && !o.decode.io_binding_on(false));
+        o.apply_arg("decode.io_binding=true").unwrap();
+        assert!(o.decode.io_binding_on(true) && o.decode.io_binding_on(false));
+        o.apply_arg("decode.io_binding=FALSE").unwrap();
+        assert!(!o.decode.io_binding_on(true) && !o.decode.io_binding_on(false));
+        o.apply_arg("decode.io_binding=Auto").unwrap();
+        assert_eq!(o.decode.io_binding, None);
+        o.set("decode.io_binding", &OptionValue::Bool(true))
+            .unwrap();
+        assert_eq!(o.decode.io_binding, Some(true));
+
+        let e = err(o.apply_arg("decode.io_binding=sometimes"));
+        assert!(
+            e.contains("decode.io_binding")
+                && e.contains("\"sometimes\"")
+                && e.contains("auto, true or false"),
+            "{e}"
+        );
+        assert!(o.set("decode.io_binding", &OptionValue::Int(2)).is_err());
+        // A refused value leaves the last valid one.
+        assert_eq!(o.decode.io_binding, Some(true));
+
+        let dir = std::env::temp_dir().join(format!("llama3v-io-binding-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ep.toml");
+        std::fs::write(&path, "[decode]\nio_binding = false\n").unwrap();
+        assert_eq!(
+            EpOptions::from_file(&path).unwrap().decode.io_binding,
+            Some(false)
+        );
+        std::fs::write(&path, "[decode]\nio_binding = \"auto\"\n").unwrap();
+        assert_eq!(EpOptions::from_file(&path).unwrap().decode.io_binding, None);
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use half::f16;
 use ort::logging::LogLevel;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
-use ort::session::{Session, SessionInputs, SessionOutputs};
+use ort::session::{IoBinding, Session, SessionInputs, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType};
 
 use crate::ep::{parse_placement, GraphProviderPlan, Provider, ProviderList, Registered};
@@ -207,6 +207,33 @@ impl Graph {
         read(&mut outputs)
     }
 
+    /// A binding of this graph's inputs and outputs, for [`Graph::run_binding`].
+    pub fn create_binding(&self) -> Result<IoBinding> {
+        let session = self
+            .session
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(session.create_binding()?)
+    }
+
+    /// Runs the session on what `binding` binds and hands the outputs to `read`. Copies of inputs to
+    /// the device, which ONNX Runtime queues when they are bound, are waited for before the run; copies
+    /// of outputs to host memory are complete before `read` sees them.
+    pub fn run_binding<R>(
+        &self,
+        binding: &IoBinding,
+        read: impl FnOnce(&mut SessionOutputs<'_>) -> Result<R>,
+    ) -> Result<R> {
+        binding.synchronize_inputs()?;
+        let mut session = self
+            .session
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut outputs = session.run_binding(binding)?;
+        binding.synchronize_outputs()?;
+        read(&mut outputs)
+    }
+
     /// Takes an output out of a run's outputs by its manifest name.
     pub fn take_output(
         &self,
@@ -350,7 +377,7 @@ fn check_io(name: &str, spec: &GraphSpec, session: &Session) -> Result<()> {
     Ok(())
 }
 
-fn ort_type(dtype: TensorDtype) -> TensorElementType {
+pub(crate) fn ort_type(dtype: TensorDtype) -> TensorElementType {
     match dtype {
         TensorDtype::Float32 => TensorElementType::Float32,
         TensorDtype::Float16 => TensorElementType::Float16,

@@ -1,13 +1,15 @@
 //! The KV cache as a value the decode loop owns: the decoder's `present.*` outputs of one step are the
 //! `past_key_values.*` inputs of the next, moved, not copied. Beside it, the small per-step input
 //! buffers (attention mask, position ids, float16 embeddings), kept so a decode step builds its inputs
-//! without allocating.
+//! without allocating, and, when the decoder runs bound, the sequence's IoBinding: then the tensors
+//! stay in the decoder's device memory from step to step.
 
 use std::time::Duration;
 
 use half::f16;
 use ort::value::DynValue;
 
+use crate::decoder::BoundIo;
 use crate::error::Result;
 use crate::graph::float_tensor;
 use crate::manifest::{ModelDims, TensorDtype};
@@ -25,6 +27,9 @@ pub struct KvCache {
     pub(crate) positions: Vec<i64>,
     /// The embeddings converted to float16 for an fp16 graph.
     pub(crate) halves: Vec<f16>,
+    /// The decoder's binding when this sequence runs bound ([`crate::decoder::StepMode::Bound`]); made
+    /// by the first bound run, dropped with the cache.
+    pub(crate) bound: Option<BoundIo>,
 }
 
 impl KvCache {
@@ -42,6 +47,7 @@ impl KvCache {
             mask: vec![1; dims.max_context],
             positions: Vec::new(),
             halves: Vec::new(),
+            bound: None,
         })
     }
 
@@ -61,6 +67,11 @@ impl KvCache {
 
     pub(crate) fn set_last_run(&mut self, run: Duration) {
         self.last_run = run;
+    }
+
+    /// The past tensors, per layer key then value, for binding to a decoder run.
+    pub(crate) fn entries(&self) -> &[DynValue] {
+        &self.entries
     }
 
     /// Hands the past tensors to a decoder run; [`KvCache::replace`] must follow with its presents.

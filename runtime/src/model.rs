@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 
 use crate::chat_template::{ChatMessage, ChatTemplate};
-use crate::decoder::decoder_step;
+use crate::decoder::{decoder_step, StepMode};
 use crate::embed::embed_tokens;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, SessionOptions};
+use crate::graph::{Device, Graph, SessionOptions};
 use crate::kv_cache::KvCache;
 use crate::manifest::{
     resolve_inside, ImageSettings, LoadOptions, Manifest, ModelDims, TensorDtype,
@@ -44,6 +44,9 @@ pub struct Sessions {
     image: ImageSettings,
     /// Most prompt tokens per decoder run in prefill; 0: the whole prompt in one run.
     prefill_chunk: usize,
+    /// How the decoder runs: bound (the cache stays in the decoder's device memory) on CUDA and
+    /// TensorRT, and on the CPU when `decode.io_binding` asks for it.
+    decoder_mode: StepMode,
 }
 
 impl Model {
@@ -79,10 +82,17 @@ impl Model {
         )?;
         let graphs = &manifest.graphs;
         let session = options.session.for_model(&manifest.model)?;
+        let decoder = Graph::open(dir, "decoder", &graphs.decoder, &session)?;
+        let bound = (options.session.ep.decode).io_binding_on(decoder.device != Device::Cpu);
         let sessions = Sessions {
             vision: Graph::open(dir, "vision", &graphs.vision, &session)?,
             embed: Graph::open(dir, "embed", &graphs.embed, &session)?,
-            decoder: Graph::open(dir, "decoder", &graphs.decoder, &session)?,
+            decoder,
+            decoder_mode: if bound {
+                StepMode::Bound
+            } else {
+                StepMode::Plain
+            },
             dtype: manifest.float_dtype(),
             dims: manifest.model.clone(),
             image: manifest.image.clone(),
@@ -188,6 +198,7 @@ impl Sessions {
             decoder_step(
                 &self.decoder,
                 dtype,
+                self.decoder_mode,
                 rows,
                 rows.len() / hidden,
                 &mut cache,
@@ -201,7 +212,20 @@ impl Sessions {
     pub fn step(&self, token: u32, cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {
         let dtype = self.dtype;
         let embeds = embed_tokens(&self.embed, &[token])?;
-        decoder_step(&self.decoder, dtype, &embeds, 1, cache, logits)
+        decoder_step(
+            &self.decoder,
+            dtype,
+            self.decoder_mode,
+            &embeds,
+            1,
+            cache,
+            logits,
+        )
+    }
+
+    /// How the decoder runs: [`StepMode::Bound`] keeps the KV cache in the decoder's device memory.
+    pub fn decoder_mode(&self) -> StepMode {
+        self.decoder_mode
     }
 }
 

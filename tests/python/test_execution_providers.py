@@ -156,3 +156,76 @@ def test_options_file(model_dir, tmp_path):
     proc = llama3v("inspect", "--model", str(model_dir), "--ep-config", str(broken))
     assert proc.returncode == 2
     assert "options file" in proc.stderr and "broken.toml" in proc.stderr, proc.stderr
+
+
+def _check_report(model_dir, *options: str) -> dict:
+    args = ["check", "--model", str(model_dir), "--json"]
+    for option in options:
+        args += ["--ep-option", option]
+    proc = llama3v(*args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _step_logits(report: dict) -> dict[str, dict]:
+    return {case["case"]: next(m for m in case["measures"] if m["stage"] == "step_logits") for case in report["cases"]}
+
+
+# The bound decode loop (IoBinding: the KV cache bound to the decoder's device memory, the logits to
+# host memory) is what CUDA and TensorRT run; on the CPU it is selectable, so its logic is tested here.
+# The chunked variant prefills in runs of 5 tokens, so the reused input tensors change shape.
+@pytest.mark.parametrize("chunk", ["0", "5"])
+def test_bound_decode_matches_the_reference_and_the_plain_loop(tiny_models, fp16_model, chunk):
+    models = {**tiny_models, "fp16": fp16_model}
+    for name, model_dir in models.items():
+        chunking = f"limits.prefill_chunk={chunk}"
+        plain = _check_report(model_dir, "decode.io_binding=false", chunking)
+        bound = _check_report(model_dir, "decode.io_binding=true", chunking)
+        for report in (plain, bound):
+            for case in report["cases"]:
+                for measure in case["measures"]:
+                    assert measure["pass"], (name, case["case"], measure)
+        plain_logits, bound_logits = _step_logits(plain), _step_logits(bound)
+        for case, measure in bound_logits.items():
+            print(
+                f"{name} chunk {chunk} {case}: step_logits vs reference bound {measure['measured']:.3e}, "
+                f"plain {plain_logits[case]['measured']:.3e} (tolerance {measure['tolerance']:.1e})"
+            )
+            assert measure["pass"] and measure["measured"] <= measure["tolerance"], measure
+        for plain_case, bound_case in zip(plain["cases"], bound["cases"], strict=True):
+            print(f"  {bound_case['case']}: greedy {bound_case['greedy_agreement']}/{bound_case['greedy_steps']}")
+            assert bound_case["greedy_agreement"] == plain_case["greedy_agreement"]
+            assert bound_case["greedy_steps"] == plain_case["greedy_steps"]
+
+
+def _generate_with(model_dir, io_binding: str, images: list[str]) -> dict:
+    args = [
+        "generate", "--model", str(model_dir), "--prompt", "Describe the picture.", "--max-new-tokens", "40",
+        "--temperature", "0", "--ignore-eos", "--json", "--ep-option", f"decode.io_binding={io_binding}",
+    ]  # fmt: skip
+    for image in images:
+        args += ["--image", str(model_dir / "reference" / image)]
+    proc = llama3v(*args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_bound_and_plain_generate_the_same_tokens(tiny_models, fp16_model):
+    for name, model_dir in {**tiny_models, "fp16": fp16_model}.items():
+        for images in ([], ["image_0.png"]):
+            plain = _generate_with(model_dir, "false", images)
+            bound = _generate_with(model_dir, "true", images)
+            print(f"{name} images={len(images)}: plain {plain['tokens']}\n{' ' * len(name)}  bound {bound['tokens']}")
+            assert len(plain["tokens"]) == 40
+            assert bound["tokens"] == plain["tokens"]
+            assert bound["text"] == plain["text"]
+
+
+def test_io_binding_option_is_validated(model_dir):
+    proc = llama3v("inspect", "--model", str(model_dir), "--ep-option", "decode.io_binding=sometimes")
+    assert proc.returncode == 2, proc.stdout
+    assert "decode.io_binding" in proc.stderr and '"sometimes"' in proc.stderr, proc.stderr
+    assert "auto, true or false" in proc.stderr, proc.stderr
+    for value in ("auto", "true", "false"):
+        proc = llama3v("inspect", "--model", str(model_dir), "--ep-option", f"decode.io_binding={value}")
+        assert proc.returncode == 0, proc.stderr
