@@ -17,7 +17,7 @@ use ort::memory::{Allocator, MemoryInfo};
 use ort::session::{IoBinding, SessionInputValue};
 use ort::value::{DynTensor, DynValue, Tensor, TensorRef};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::{ort_type, read_last_row, Device, Graph};
 use crate::kv_cache::KvCache;
 use crate::manifest::{Dim, TensorDtype};
@@ -131,16 +131,18 @@ pub(crate) struct BoundIo {
 }
 
 impl BoundIo {
-    fn new(graph: &Graph, dtype: TensorDtype) -> Result<BoundIo> {
+    fn new(graph: &Graph) -> Result<BoundIo> {
         let mut binding = graph.create_binding()?;
         let logits = &graph.spec.outputs[0];
+        // check_io made the graph's logits the manifest's dtype and rank; a fixed shape is bound once.
         let vocab = match logits.shape.as_slice() {
             [_, Dim::Fixed(1), Dim::Fixed(vocab)] if *vocab > 0 => Some(*vocab),
             _ => None,
         };
         let logits_prebound = match vocab {
             Some(vocab) => {
-                let tensor = DynTensor::new(&Allocator::default(), ort_type(dtype), [1, 1, vocab])?;
+                let tensor =
+                    DynTensor::new(&Allocator::default(), ort_type(logits.dtype), [1, 1, vocab])?;
                 binding.bind_output(logits.name.as_str(), tensor)?;
                 true
             }
@@ -168,7 +170,7 @@ fn reusable<'a>(
         *slot = Some(tensor.into_dyn());
     }
     slot.as_mut()
-        .ok_or_else(|| crate::error::Error::Ort("a reusable tensor was not made".into()))
+        .ok_or_else(|| Error::Ort("a reusable tensor was not made".into()))
 }
 
 /// [`decoder_step`] through the sequence's [`BoundIo`]: inputs from host buffers reused between steps,
@@ -195,10 +197,18 @@ fn bound_step(
     }
     let mut io = match cache.bound.take() {
         Some(io) => io,
-        None => BoundIo::new(graph, dtype)?,
+        None => BoundIo::new(graph)?,
     };
 
-    let embeds_value = reusable(&mut io.embeds, dtype, &[1, seq as i64, hidden as i64])?;
+    let BoundIo {
+        binding,
+        cache_memory,
+        host_memory,
+        logits_prebound,
+        embeds: embeds_slot,
+        positions: positions_slot,
+    } = &mut io;
+    let embeds_value = reusable(embeds_slot, dtype, &[1, seq as i64, hidden as i64])?;
     if dtype == TensorDtype::Float16 {
         let (_, data) = embeds_value.try_extract_tensor_mut::<f16>()?;
         for (half, value) in data.iter_mut().zip(embeds) {
@@ -208,7 +218,7 @@ fn bound_step(
         let (_, data) = embeds_value.try_extract_tensor_mut::<f32>()?;
         data.copy_from_slice(embeds);
     }
-    let positions = reusable(&mut io.positions, TensorDtype::Int64, &[1, seq as i64])?;
+    let positions = reusable(positions_slot, TensorDtype::Int64, &[1, seq as i64])?;
     let (_, data) = positions.try_extract_tensor_mut::<i64>()?;
     for (slot, position) in data.iter_mut().zip(past as i64..) {
         *slot = position;
@@ -217,23 +227,20 @@ fn bound_step(
     let mask = Tensor::from_array(([1, total as i64], vec![1_i64; total]))?;
 
     // ort's binding calls take names as owned strings: each bind costs one small allocation.
-    let binding = &mut io.binding;
-    if let (Some(embeds_value), Some(positions)) = (&io.embeds, &io.positions) {
-        binding.bind_input(spec.inputs[0].name.as_str(), embeds_value)?;
-        binding.bind_input(spec.inputs[2].name.as_str(), positions)?;
-    }
+    binding.bind_input(spec.inputs[0].name.as_str(), &*embeds_value)?;
     binding.bind_input(spec.inputs[1].name.as_str(), &mask)?;
+    binding.bind_input(spec.inputs[2].name.as_str(), &*positions)?;
     for (input, value) in spec.inputs[3..].iter().zip(cache.entries()) {
         binding.bind_input(input.name.as_str(), value)?;
     }
-    if !io.logits_prebound {
-        binding.bind_output_to_device(spec.outputs[0].name.as_str(), &io.host_memory)?;
+    if !*logits_prebound {
+        binding.bind_output_to_device(spec.outputs[0].name.as_str(), host_memory)?;
     }
-    // Binding to a device (again) also drops the binding's hold on the last run's presents: bound to an
-    // allocated value, ONNX Runtime would write this run's presents into it, which are this run's past
-    // and one position shorter.
+    // Binding to a device again also drops the binding's hold on the last run's presents: left bound
+    // to them (this run's past inputs, `seq` positions shorter), ONNX Runtime would try to write this
+    // run's presents into them.
     for output in &spec.outputs[1..] {
-        binding.bind_output_to_device(output.name.as_str(), &io.cache_memory)?;
+        binding.bind_output_to_device(output.name.as_str(), cache_memory)?;
     }
 
     let started = Instant::now();
