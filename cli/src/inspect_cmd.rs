@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
+use llama3v::decoder::StepMode;
 use serde_json::json;
 
 use crate::model_args::ModelArgs;
@@ -46,6 +47,7 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
             "stop_token_ids": m.text.stop_token_ids,
             "provenance": m.provenance,
             "graphs": graphs,
+            "decode_step": model.sessions.decoder_mode().name(),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
@@ -96,5 +98,13 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
             }
         }
     }
+    println!(
+        "decode     {} (KV cache fed back {})",
+        model.sessions.decoder_mode().name(),
+        match model.sessions.decoder_mode() {
+            StepMode::Plain => "through host-visible outputs of each run",
+            StepMode::Bound => "in the decoder's device memory through an IoBinding",
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }

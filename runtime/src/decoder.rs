@@ -31,6 +31,16 @@ pub enum StepMode {
     Bound,
 }
 
+impl StepMode {
+    /// The name `inspect` reports, as the `decode.io_binding` option spells the choice.
+    pub fn name(self) -> &'static str {
+        match self {
+            StepMode::Plain => "plain",
+            StepMode::Bound => "io_binding",
+        }
+    }
+}
+
 /// Runs `embeds` (`seq` rows of `hidden`) through the decoder after the cached positions, stores the
 /// grown cache back into `cache` and the last position's logits into `logits`.
 ///

@@ -109,6 +109,15 @@ def test_inspect_reports_node_placement(model_dir):
     assert "nodes)" in text, text
 
 
+@pytest.mark.parametrize(("option", "mode"), [([], "plain"), (["--ep-option", "decode.io_binding=true"], "io_binding")])
+def test_inspect_reports_the_decode_step(model_dir, option, mode):
+    proc = llama3v("inspect", "--model", str(model_dir), "--ep", "cpu", "--json", *option)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["decode_step"] == mode
+    text = llama3v("inspect", "--model", str(model_dir), "--ep", "cpu", *option).stdout
+    assert f"decode     {mode} " in text, text
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
