@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 venv=.venv
 py=$venv/bin/python
 
-# A fresh setup needs about 13 GiB: .venv (torch with its CUDA libraries) about 6, pip's cache of the
-# wheels about 3, the Rust build about 3.5. Say so plainly instead of failing in the middle of an install.
-need_gib=13
+# A fresh setup needs about 10 GiB: .venv (torch with its CUDA libraries) about 6, pip's downloaded wheels
+# about 3 while they install, the Rust build about 1. Say so plainly instead of failing in the middle of an
+# install.
+need_gib=10
 if [ ! -x "$py" ] || [ ! -d target/release ]; then
     free_gib=$(df -Pk . | awk 'NR == 2 { print int($4 / 1048576) }')
     if [ "$free_gib" -lt "$need_gib" ]; then
