@@ -6,6 +6,10 @@
 - onnxruntime-genai (its model builder's graph for the checkpoint's Llama weights, driven by its own
   generator; it gets only the decoder, so its prompts are text-only of the same length).
 
+With `--int4` (and `--int4-model`, an int4 export of the same checkpoint: `llama3v-export --quant int4`), also
+llama3v on that export and onnxruntime-genai's int4 graph (both block 32, symmetric, accuracy level 4), with the
+ratio llama3v-int4 / genai-int4.
+
 Also measures the machine's memory bandwidth (a large copy) and reports decode against the bandwidth
 floor (decoder weight bytes read per token). Prints a table with ratios ours / best peer.
 
@@ -85,12 +89,12 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
 # --- llama3v -------------------------------------------------------------------------------------
 
 
-def run_llama3v(args, contexts: list[int]) -> dict:
+def run_llama3v(args, contexts: list[int], model: Path | None = None) -> dict:
     cmd = [
         str(args.llama3v),
         "bench",
         "--model",
-        str(args.model),
+        str(model or args.model),
         "--no-verify-hashes",
         "--prompt-tokens",
         str(args.prompt_tokens),
@@ -351,7 +355,7 @@ def merge_rounds(rounds: list[dict]):
 
 
 def table(results: dict, contexts: list[int], floor: dict) -> str:
-    names = [n for n in ("llama3v", "transformers", "genai-fp32", "genai-int4") if n in results]
+    names = [n for n in ("llama3v", "transformers", "genai-fp32", "llama3v-int4", "genai-int4") if n in results]
     rows = [("vision ms/image (lower)", "vision_ms_per_image", None, False)]
     rows += [("prefill tokens/s", "prefill_tokens_per_s", None, True)]
     rows += [("ttft ms (lower)", "ttft_ms", None, False)]
@@ -367,15 +371,21 @@ def table(results: dict, contexts: list[int], floor: dict) -> str:
                 v = (v or {}).get(ctx, {}).get("tokens_per_s")
             vals[n] = v
         # int4 is a different precision: it is shown but never the fp32 comparison's "best peer".
-        peers = [v for n, v in vals.items() if n not in ("llama3v", "genai-int4") and v is not None]
+        peers = [v for n, v in vals.items() if n not in ("llama3v", "llama3v-int4", "genai-int4") and v is not None]
         ours = vals.get("llama3v")
         ratio = ""
         if ours is not None and peers:
             best = max(peers) if higher else min(peers)
             ratio = f"{(ours / best if higher else best / ours):.2f}x"
         cells = "".join(f"{v:>14.1f}" if v is not None else f"{'-':>14}" for v in vals.values())
-        lines.append(f"{label:{width}}{cells}{ratio:>12}")
-    lines.append("(ratio > 1: llama3v faster; int4 is listed but not compared with fp32)")
+        int4 = ""
+        if vals.get("llama3v-int4") is not None and vals.get("genai-int4") is not None:
+            a, b = vals["llama3v-int4"], vals["genai-int4"]
+            int4 = f"{(a / b if higher else b / a):.2f}x"
+        lines.append(f"{label:{width}}{cells}{ratio:>12}{int4:>12}")
+    if "llama3v-int4" in results and "genai-int4" in results:
+        lines[0] += f"{'int4 ours/genai':>16}"
+    lines.append("(ratio > 1: llama3v faster; int4 rows are compared only with each other)")
     lines.append(
         f"memory bandwidth {floor['bandwidth_gb_s']:.1f} GB/s (best of 1 GiB copy "
         f"{floor['copy_gb_s']:.1f}, read {floor['read_gb_s']:.1f}); "
@@ -403,6 +413,11 @@ def goal_lines(results: dict, contexts: list[int]) -> list[str]:
         best = max(p["prefill_tokens_per_s"] for p in fp32_peers)
         ratio = ours["prefill_tokens_per_s"] / best
         line("prefill tokens/s / best fp32 peer", ratio, ">= 1.2", ratio >= 1.2)
+    if "llama3v-int4" in results and "genai-int4" in results:
+        for ctx in contexts:
+            ours4, theirs4 = results["llama3v-int4"]["decode"][ctx], results["genai-int4"]["decode"][ctx]
+            ratio = ours4["tokens_per_s"] / theirs4["tokens_per_s"]
+            line(f"int4 decode @ {ctx} / genai-int4", ratio, ">= 1.2", ratio >= 1.2)
     for ctx, (_, pct) in ours["overhead"].items():
         line(f"runtime overhead % of a decode step @ {ctx}", pct, "<= 2", pct <= 2)
     if len(contexts) > 1:
@@ -429,10 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="default: every core")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=1, help="repeat every engine; report medians")
-    p.add_argument("--int4", action="store_true", help="also onnxruntime-genai int4")
+    p.add_argument("--int4", action="store_true", help="also onnxruntime-genai int4, and llama3v on --int4-model")
+    p.add_argument("--int4-model", type=Path, help="llama3v-export --quant int4 of the same checkpoint")
     p.add_argument("--skip", nargs="*", default=[], choices=["transformers", "genai"])
     p.add_argument("--json-out", type=Path)
     args = p.parse_args(argv)
+    if args.int4_model and not args.int4:
+        p.error("--int4-model needs --int4")
+    if args.int4_model:
+        quant = json.loads((args.int4_model / "manifest.json").read_text()).get("quantization") or {}
+        if quant.get("method") != "int4":
+            p.error(f"{args.int4_model} is not an int4 export (manifest quantization: {quant or None})")
     args.work.mkdir(parents=True, exist_ok=True)
 
     manifest = json.loads((args.model / "manifest.json").read_text())
@@ -453,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.rounds):
         log(f"round {round_ + 1}/{args.rounds}")
         results = {"llama3v": run_llama3v(args, contexts)}
+        if args.int4_model:
+            results["llama3v-int4"] = run_llama3v(args, contexts, args.int4_model)
         if "transformers" not in args.skip:
             results["transformers"] = run_transformers(args, manifest, contexts)
         for name, path in peers.items():

@@ -46,6 +46,7 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
             "image": m.image,
             "stop_token_ids": m.text.stop_token_ids,
             "provenance": m.provenance,
+            "quantization": m.quantization,
             "graphs": graphs,
             "decode_step": model.sessions.decoder_mode().name(),
         });
@@ -55,6 +56,9 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
     let d = &m.model;
     println!("model      {}", model.dir.display());
     println!("dtype      {:?}", m.dtype);
+    if let Some(q) = &m.quantization {
+        println!("quantized  {q}");
+    }
     println!(
         "decoder    {} layers, {} heads, {} KV heads, head dim {}, hidden {}, vocab {}, context {}",
         d.num_layers,

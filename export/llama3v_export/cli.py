@@ -13,6 +13,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError, load_checkpoint
 from .graphs import dims_from_config, export_all, graph_specs, load_model
 from .manifest import build_manifest, write_model_files
+from .quantize import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, quantization_entry, quantize_graph
 from .reference import write_reference
 from .validate import Comparison, ValidationError, validate_graphs, validate_reference
 
@@ -40,12 +41,19 @@ def export_model(
     validate: bool = True,
     log: Callable[[str], None] = print,
     external_data: bool | None = None,
+    quant: str | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> ExportResult:
     """Export, validate against PyTorch, optionally write reference cases, then write the manifest.
+
+    `quant="int4"` quantizes the decoder's weights after the fp32 graphs are written and validated (quantize.py);
+    the quantized decoder is then validated with the int4 tolerances (validate.py).
 
     Raises CheckpointError for an unusable checkpoint and ValidationError when a graph is out of tolerance (the
     manifest is then not written, so the directory is not loadable).
     """
+    if quant is not None and dtype != "fp32":
+        raise CheckpointError(f"--quant {quant} quantizes an fp32 export; got --dtype {dtype}")
     start = time.perf_counter()
 
     def step(message: str) -> None:
@@ -76,6 +84,15 @@ def export_model(
     if validate:
         step("validating graphs with onnxruntime against PyTorch")
         result.comparisons += validate_graphs(graph_files, specs, model, dims, dtype, step)
+    if quant is not None:
+        for name in quantization_entry(block_size)["graphs"]:
+            step(f"quantizing the {name} graph ({quant}, block size {block_size})")
+            files[name] = quantize_graph(files[name], specs[name], block_size, external_data, step)
+        if validate:
+            step(f"validating the {quant} decoder against PyTorch fp32")
+            result.comparisons += validate_graphs(
+                graph_files, specs, model, dims, dtype, step, quant=quant, graphs=("decoder",)
+            )
     if reference:
         step("computing reference cases with transformers")
         # The reference runs the attention users get by default, not the eager path traced for export.
@@ -84,9 +101,10 @@ def export_model(
         if validate:
             step("running the reference cases through the exported graphs")
             result.comparisons += validate_reference(
-                out / "reference", graph_files, specs, dims, dtype, checkpoint.image_token_id, step
+                out / "reference", graph_files, specs, dims, dtype, checkpoint.image_token_id, step, quant=quant
             )
-    result.manifest = build_manifest(checkpoint, dims, specs, files, dtype, opset)
+    quantization = quantization_entry(block_size) if quant is not None else None
+    result.manifest = build_manifest(checkpoint, dims, specs, files, dtype, opset, quantization)
     write_model_files(out, checkpoint, result.manifest)
     step(f"wrote {out / 'manifest.json'}")
     return result
@@ -108,6 +126,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="weights in <graph>.onnx.data: auto (graphs with over 64 MiB of weights), always, never",
     )
+    parser.add_argument(
+        "--quant",
+        choices=["int4"],
+        help="weight-only quantization of the decoder's MatMuls (MatMulNBits; the vision and embed graphs stay fp32)",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        choices=BLOCK_SIZES,
+        default=DEFAULT_BLOCK_SIZE,
+        metavar="N",
+        help=f"--quant block size along the input dimension, one of {BLOCK_SIZES} (default {DEFAULT_BLOCK_SIZE})",
+    )
     return parser.parse_args(argv)
 
 
@@ -122,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             args.opset,
             validate=not args.skip_validation,
             external_data=EXTERNAL_DATA_CHOICES[args.external_data],
+            quant=args.quant,
+            block_size=args.block_size,
         )
     except CheckpointError as err:
         print(f"llama3v-export: error: {err}", file=sys.stderr)
@@ -131,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     checked = f"{len(result.comparisons)} comparisons within tolerance" if result.comparisons else "not validated"
     cases = f", {len(result.reference['cases'])} reference cases" if result.reference else ""
-    print(f"llama3v-export: wrote {args.dtype} model directory {result.model_dir} ({checked}{cases})")
+    kind = args.dtype if args.quant is None else f"{args.dtype} + {args.quant} decoder (block {args.block_size})"
+    print(f"llama3v-export: wrote {kind} model directory {result.model_dir} ({checked}{cases})")
     return 0
 
 

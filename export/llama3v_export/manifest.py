@@ -112,9 +112,12 @@ def build_manifest(
     files: dict[str, list[Path]],
     dtype: str,
     opset: int,
+    quantization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`quantization` (quantize.quantization_entry) is written when graphs were quantized; `dtype` stays the
+    float type of the graphs' inputs and outputs."""
     generation = checkpoint.generation_config
-    return {
+    manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "dtype": dtype,
@@ -139,10 +142,13 @@ def build_manifest(
             "transformers": transformers.__version__,
             "onnx_opset": opset,
             "dtype": dtype,
-            "quantization": None,
+            "quantization": quantization["method"] if quantization else None,
             "graph_flavour": "plain",
         },
     }
+    if quantization is not None:
+        manifest["quantization"] = quantization
+    return manifest
 
 
 def write_model_files(out: Path, checkpoint: Checkpoint, manifest: dict[str, Any]) -> Path:

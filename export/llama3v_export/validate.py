@@ -2,13 +2,21 @@
 
 fp32 exports: every output within 1e-4 absolute. fp16 exports are compared with the fp32 model: relative error
 (max abs diff / max abs of the reference) within 1e-2, and top-1 agreement of the logits is reported.
+
+int4 exports (weight-only, decoder only) are not held to float tolerances: the decoder's outputs are compared with
+the fp32 model by relative error within INT4_REL_TOLERANCE, and on the reference cases (teacher-forced, so each step
+sees the reference's own prefix) the reference's greedy token must be among the int4 logits' INT4_TOP_K largest on
+at least INT4_MIN_TOP_K of the steps; top-1 agreement is reported beside it. The bounds separate int4 rounding noise
+from a broken graph on random-weight checkpoints, whose nearly flat logits (top-1 ahead of top-2 by ~0.2 of ~4.5)
+let that noise reorder the first places (onnx/README.md, "Quantized exports"). The vision and embed graphs stay
+float and keep the float tolerances.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +29,12 @@ from .graphs import Dims, GraphSpec, dummy_inputs
 
 FP32_ABS_TOLERANCE = 1e-4
 FP16_REL_TOLERANCE = 1e-2
+# int4 bounds (onnx/README.md, "Quantized exports"): max abs error relative to the largest fp32 value, and the
+# fraction of teacher-forced steps whose fp32 greedy token is among the int4 logits' INT4_TOP_K largest. Measured on
+# the random-weight mid preset at block 32: relative error up to 0.56, top-10 membership from 0.72.
+INT4_REL_TOLERANCE = 0.75
+INT4_TOP_K = 10
+INT4_MIN_TOP_K = 0.5
 
 
 class ValidationError(RuntimeError):
@@ -29,17 +43,23 @@ class ValidationError(RuntimeError):
 
 @dataclass(frozen=True)
 class Comparison:
-    """One output compared on one case; `relative` and `top1` are set for fp16 and logits respectively."""
+    """One output compared on one case; `relative` and `top1` are set for fp16/int4 and logits respectively;
+    `top_k` (int4 logits) counts the positions whose reference argmax is among the INT4_TOP_K largest, and
+    `min_top_k` is the fraction of them required (None: reported only)."""
 
     label: str
     max_abs_diff: float
     tolerance: float
     relative: float | None = None
     top1: tuple[int, int] | None = None
+    top_k: tuple[int, int] | None = None
+    min_top_k: float | None = None
 
     @property
     def passed(self) -> bool:
         measured = self.max_abs_diff if self.relative is None else self.relative
+        if self.min_top_k is not None and self.top_k is not None and self.top_k[0] < self.min_top_k * self.top_k[1]:
+            return False
         return bool(measured <= self.tolerance)
 
     def line(self) -> str:
@@ -47,14 +67,20 @@ class Comparison:
         if self.relative is None:
             text += f" (tolerance {self.tolerance:.0e})"
         else:
-            text += f", relative error {self.relative:.3e} (tolerance {self.tolerance:.0e})"
+            text += f", relative error {self.relative:.3e} (tolerance {self.tolerance:.2g})"
         if self.top1 is not None:
             text += f", top-1 agreement {self.top1[0]}/{self.top1[1]}"
+        if self.top_k is not None:
+            text += f", reference token in top {INT4_TOP_K} {self.top_k[0]}/{self.top_k[1]}"
+            if self.min_top_k is not None:
+                text += f" = {self.top_k[0] / max(self.top_k[1], 1):.3f} (minimum {self.min_top_k:.2f})"
         return text + ("" if self.passed else "  FAILED")
 
 
-def compare(label: str, got: np.ndarray, want: np.ndarray, dtype: str, logits: bool = False) -> Comparison:
-    """Max abs diff of `got` against `want` (fp32 reference), with the dtype's tolerance."""
+def compare(
+    label: str, got: np.ndarray, want: np.ndarray, dtype: str, logits: bool = False, quant: str | None = None
+) -> Comparison:
+    """Max abs diff of `got` against `want` (fp32 reference), with the dtype's (or the quantization's) tolerance."""
     got32, want32 = got.astype(np.float32), want.astype(np.float32)
     if got32.shape != want32.shape:
         raise ValidationError(f"{label}: shape {got32.shape} differs from the reference's {want32.shape}")
@@ -62,13 +88,22 @@ def compare(label: str, got: np.ndarray, want: np.ndarray, dtype: str, logits: b
     if not np.isfinite(got32).all():
         diff = float("inf")
     top1 = None
+    top_k = None
     if logits:
         agree = got32.argmax(-1) == want32.argmax(-1)
         top1 = (int(agree.sum()), int(agree.size))
+        if quant == "int4":
+            # Rank of the reference's argmax in ours: how many of our logits beat its logit.
+            ours_at_ref = np.take_along_axis(got32, want32.argmax(-1)[..., None], -1)
+            within = (got32 > ours_at_ref).sum(-1) < INT4_TOP_K
+            top_k = (int(within.sum()), int(within.size))
+    scale = float(np.abs(want32).max()) if want32.size else 1.0
+    relative = diff / max(scale, 1e-30)
+    if quant == "int4":
+        return Comparison(label, diff, INT4_REL_TOLERANCE, relative, top1, top_k, INT4_MIN_TOP_K if logits else None)
     if dtype == "fp32":
         return Comparison(label, diff, FP32_ABS_TOLERANCE, top1=top1)
-    scale = float(np.abs(want32).max()) if want32.size else 1.0
-    return Comparison(label, diff, FP16_REL_TOLERANCE, relative=diff / max(scale, 1e-30), top1=top1)
+    return Comparison(label, diff, FP16_REL_TOLERANCE, relative=relative, top1=top1)
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -148,11 +183,16 @@ def validate_graphs(
     dims: Dims,
     dtype: str,
     log: Callable[[str], None] = print,
+    quant: str | None = None,
+    graphs: Sequence[str] = ("vision", "embed", "decoder"),
 ) -> list[Comparison]:
-    """Run every case through onnxruntime and the fp32 PyTorch model; raises ValidationError on any failure."""
+    """Run every case of `graphs` through onnxruntime and the fp32 PyTorch model; raises ValidationError on any
+    failure. `quant` names the quantization of the graphs in `files` (int4: the quantized tolerances)."""
     comparisons: list[Comparison] = []
-    sessions = {name: session(path) for name, path in files.items()}
+    sessions = {name: session(path) for name, path in files.items() if name in graphs}
     for seed, (graph, case, sizes) in enumerate(CASES):
+        if graph not in graphs:
+            continue
         spec = specs[graph]
         inputs = _case_inputs(spec, dims, sizes, seed)
         got = sessions[graph].run([t.name for t in spec.outputs], {k: v.numpy() for k, v in inputs.items()})
@@ -161,7 +201,10 @@ def validate_graphs(
             expected_shape = _resolve(tensor.shape, sizes)
             if g.shape != expected_shape:
                 raise ValidationError(f"{graph} {tensor.name} ({case}): shape {g.shape}, contract {expected_shape}")
-            result = compare(f"{graph} {tensor.name} ({case})", g, w, dtype, logits=tensor.name == "logits")
+            label = f"{graph} {tensor.name} ({case})"
+            result = compare(label, g, w, dtype, logits=tensor.name == "logits", quant=quant)
+            # One or two positions per case here: top-1 agreement is reported, and judged on the reference cases.
+            result = replace(result, min_top_k=None)
             log(result.line())
             comparisons.append(result)
     raise_on_failure(comparisons)
@@ -182,12 +225,14 @@ def validate_reference(
     dtype: str,
     image_token_id: int,
     log: Callable[[str], None] = print,
+    quant: str | None = None,
 ) -> list[Comparison]:
     """Run each reference case through the exported graphs the way the runtime does (embed, splice image
     features, prefill, one token per step) and compare with transformers' tensors.
 
     The decode loop feeds the reference's greedy tokens, so every step compares logits of identical inputs;
-    full top-1 agreement then means free-running greedy decoding reproduces the reference tokens.
+    full top-1 agreement then means free-running greedy decoding reproduces the reference tokens. `quant` (int4)
+    applies to the decoder's logits only; the image features come from the float vision graph.
     """
     document = json.loads((reference_dir / "reference.json").read_text())
     sessions = {name: session(path) for name, path in files.items()}
@@ -197,10 +242,11 @@ def validate_reference(
         results = _run_case(sessions, specs, dims, dtype, image_token_id, tensors, case["greedy_tokens"])
         for output, (got, want) in results.items():
             label = f"reference {case['name']} {output}"
-            result = compare(label, got, want, dtype, logits=output == "step_logits")
+            logits = output == "step_logits"
+            result = compare(label, got, want, dtype, logits=logits, quant=quant if logits else None)
             log(result.line())
             comparisons.append(result)
-            if dtype == "fp32" and result.top1 is not None and result.top1[0] != result.top1[1]:
+            if dtype == "fp32" and quant is None and result.top1 is not None and result.top1[0] != result.top1[1]:
                 comparisons.append(Comparison(f"{label} greedy tokens", float("inf"), FP32_ABS_TOLERANCE))
     raise_on_failure(comparisons)
     return comparisons

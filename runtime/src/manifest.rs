@@ -35,6 +35,54 @@ pub struct Manifest {
     pub generation: GenerationDefaults,
     #[serde(default)]
     pub provenance: serde_json::Value,
+    /// Weight quantization of some graphs (`llama3v-export --quant`); absent for a float export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<Quantization>,
+}
+
+/// Weight-only quantization recorded by the exporter. The quantized graphs keep the float inputs and
+/// outputs of `dtype`; only their weights (and so their accuracy) differ.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quantization {
+    pub method: QuantMethod,
+    /// Weights per scale, along the input dimension.
+    pub block_size: u32,
+    #[serde(default)]
+    pub symmetric: Option<bool>,
+    /// MatMulNBits' `accuracy_level` (4: int8 activations in the CPU kernel).
+    #[serde(default)]
+    pub accuracy_level: Option<u32>,
+    /// Names of the quantized graphs (`decoder`).
+    pub graphs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantMethod {
+    /// 4-bit weights in `com.microsoft::MatMulNBits`.
+    Int4,
+}
+
+impl std::fmt::Display for Quantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let method = match self.method {
+            QuantMethod::Int4 => "int4",
+        };
+        write!(
+            f,
+            "{method} weights, block {}, {}",
+            self.block_size,
+            match self.symmetric {
+                Some(true) => "symmetric",
+                Some(false) => "asymmetric",
+                None => "symmetry unrecorded",
+            }
+        )?;
+        if let Some(level) = self.accuracy_level {
+            write!(f, ", accuracy level {level}")?;
+        }
+        write!(f, " in {}", self.graphs.join(", "))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,6 +300,25 @@ impl Manifest {
                 "num_layers {} is over the limit of {MAX_LAYERS}",
                 m.num_layers
             ));
+        }
+        if let Some(q) = &self.quantization {
+            if q.block_size < 16 || !q.block_size.is_power_of_two() {
+                return Err(format!(
+                    "quantization.block_size {} is not a power of two of at least 16",
+                    q.block_size
+                ));
+            }
+            if let Some(name) = q.graphs.iter().find(|g| {
+                !self
+                    .graphs
+                    .named()
+                    .iter()
+                    .any(|(known, _)| known == &g.as_str())
+            }) {
+                return Err(format!(
+                    "quantization.graphs names an unknown graph {name:?}"
+                ));
+            }
         }
         expect_io("vision", &self.graphs.vision, 1, 1)?;
         expect_io("embed", &self.graphs.embed, 1, 1)?;
@@ -496,6 +563,22 @@ mod tests {
             resolve_inside(dir, "vision.onnx").ok(),
             Some(dir.join("vision.onnx"))
         );
+    }
+
+    #[test]
+    fn quantization_parses_and_unknown_methods_are_refused() {
+        let q: Quantization = serde_json::from_str(
+            r#"{"method": "int4", "block_size": 32, "symmetric": true, "accuracy_level": 4, "graphs": ["decoder"]}"#,
+        )
+        .unwrap();
+        assert_eq!(q.method, QuantMethod::Int4);
+        assert_eq!(q.block_size, 32);
+        assert_eq!(
+            q.to_string(),
+            "int4 weights, block 32, symmetric, accuracy level 4 in decoder"
+        );
+        let unknown = r#"{"method": "int3", "block_size": 32, "graphs": ["decoder"]}"#;
+        assert!(serde_json::from_str::<Quantization>(unknown).is_err());
     }
 
     #[test]
