@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import pytest
 from helpers import llama3v
 from llama3v_export.cli import ExportResult, export_model, main
@@ -102,8 +103,12 @@ def test_block_size_option_and_refusals(exports, tmp_path, capsys):
     checkpoint = str(exports.checkpoint(PRESET))
     out = tmp_path / "block64"
     args = ["--checkpoint", checkpoint, "--out", str(out), "--quant", "int4", "--block-size", "64"]
-    assert main([*args, "--skip-validation"]) == 0
-    assert json.loads((out / "manifest.json").read_text())["quantization"]["block_size"] == 64
+    assert main([*args, "--skip-validation", "--external-data", "always"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["block_size"] == 64
+    # The quantized decoder follows --external-data like the float graphs, and the manifest lists its data file.
+    assert [e["file"] for e in manifest["graphs"]["decoder"]["external_data"]] == ["decoder.onnx.data"]
+    ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
     for node in nodes(out / "decoder.onnx"):
         if node.op_type == "MatMulNBits":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
