@@ -15,7 +15,7 @@ from .graphs import dims_from_config, export_all, graph_specs, load_model
 from .manifest import build_manifest, write_model_files
 from .quantize import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, quantization_entry, quantize_graph
 from .reference import write_reference
-from .validate import Comparison, ValidationError, validate_graphs, validate_reference
+from .validate import Comparison, ValidationError, greedy_agreement, validate_graphs, validate_reference
 
 DEFAULT_OPSET = 17
 OPSETS = range(14, 21)
@@ -30,6 +30,8 @@ class ExportResult:
     manifest: dict
     comparisons: list[Comparison] = field(default_factory=list)
     reference: dict | None = None
+    # fp16/int4 with --reference: free-running greedy tokens equal to fp32 transformers' (equal, prefix, tokens).
+    greedy: tuple[int, int, int] | None = None
 
 
 def export_model(
@@ -103,6 +105,10 @@ def export_model(
             result.comparisons += validate_reference(
                 out / "reference", graph_files, specs, dims, dtype, checkpoint.image_token_id, step, quant=quant
             )
+            if dtype != "fp32" or quant is not None:
+                result.greedy = greedy_agreement(
+                    out / "reference", graph_files, specs, dims, dtype, checkpoint.image_token_id, model, step
+                )
     quantization = quantization_entry(block_size) if quant is not None else None
     result.manifest = build_manifest(checkpoint, dims, specs, files, dtype, opset, quantization)
     write_model_files(out, checkpoint, result.manifest)

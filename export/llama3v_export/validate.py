@@ -9,7 +9,8 @@ sees the reference's own prefix) the reference's greedy token must be among the 
 at least INT4_MIN_TOP_K of the steps; top-1 agreement is reported beside it. The bounds separate int4 rounding noise
 from a broken graph on random-weight checkpoints, whose nearly flat logits (top-1 ahead of top-2 by ~0.2 of ~4.5)
 let that noise reorder the first places (onnx/README.md, "Quantized exports"). The vision and embed graphs stay
-float and keep the float tolerances.
+float and keep the float tolerances. For fp16 and int4 exports with reference cases, free-running greedy decoding
+of GREEDY_TOKENS tokens from the first case's prompt is compared with fp32 transformers' and reported.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from safetensors.numpy import load_file
-from transformers import DynamicCache, LlavaForConditionalGeneration
+from transformers import DynamicCache, GenerationConfig, LlavaForConditionalGeneration
 
 from .graphs import Dims, GraphSpec, dummy_inputs
 
@@ -260,8 +261,10 @@ def _run_case(
     image_token_id: int,
     tensors: dict[str, np.ndarray],
     tokens: list[int],
+    free_running: bool = False,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(got, want) per compared tensor for one case."""
+    """(got, want) per compared tensor for one case; `free_running` feeds back each step's own argmax instead
+    of `tokens` (then only its length counts)."""
     float_type = np.float16 if dtype == "fp16" else np.float32
     input_ids = tensors["input_ids"]
     embeds = sessions["embed"].run(None, {"input_ids": input_ids})[0]
@@ -285,6 +288,55 @@ def _run_case(
         step_logits.append(logits[0, -1])
         position += length
         if step + 1 < len(tokens):
-            embeds = sessions["embed"].run(None, {"input_ids": np.array([[tokens[step]]], np.int64)})[0]
+            token = int(logits[0, -1].argmax()) if free_running else tokens[step]
+            embeds = sessions["embed"].run(None, {"input_ids": np.array([[token]], np.int64)})[0]
     results["step_logits"] = (np.stack(step_logits), tensors["step_logits"])
     return results
+
+
+GREEDY_TOKENS = 64
+
+
+def greedy_agreement(
+    reference_dir: Path,
+    files: dict[str, Path],
+    specs: dict[str, GraphSpec],
+    dims: Dims,
+    dtype: str,
+    image_token_id: int,
+    model: LlavaForConditionalGeneration,
+    log: Callable[[str], None] = print,
+    tokens: int = GREEDY_TOKENS,
+) -> tuple[int, int, int]:
+    """Free-running greedy decoding of `tokens` tokens from the first reference case's prompt, by the exported
+    graphs and by the fp32 model: (equal positions, tokens before the first difference, tokens). Reported for
+    reduced-precision exports, not judged: once the two sequences differ they continue from different
+    prefixes, and on random weights (nearly flat logits) they differ early."""
+    document = json.loads((reference_dir / "reference.json").read_text())
+    case = document["cases"][0]
+    tensors = load_file(str(reference_dir / case["tensors"]))
+    inputs = {"input_ids": torch.from_numpy(tensors["input_ids"])}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if "pixel_values" in tensors:
+        inputs["pixel_values"] = torch.from_numpy(tensors["pixel_values"])
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        eos_token_id=None,
+        pad_token_id=None,
+        return_dict_in_generate=True,
+    )
+    with torch.no_grad():
+        sequences = model.generate(**inputs, generation_config=config).sequences
+    want = sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    sessions = {name: session(path) for name, path in files.items()}
+    got_logits, _ = _run_case(sessions, specs, dims, dtype, image_token_id, tensors, [0] * tokens, True)["step_logits"]
+    got = got_logits.argmax(-1).tolist()
+    equal = sum(a == b for a, b in zip(got, want, strict=True))
+    prefix = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), tokens)
+    log(
+        f"reference {case['name']} free-running greedy, {tokens} tokens: {equal}/{tokens} equal to fp32 "
+        f"transformers, identical for the first {prefix} (reported, not judged)"
+    )
+    return equal, prefix, tokens
