@@ -113,8 +113,14 @@ fn print_measure(m: &Measure) {
 }
 
 fn print_report(model: &Model, report: &CheckReport) {
+    let quantized = model
+        .manifest
+        .quantization
+        .as_ref()
+        .map(|q| format!(", {q}"))
+        .unwrap_or_default();
     println!(
-        "model {} ({:?}); providers: {}",
+        "model {} ({:?}{quantized}); providers: {}",
         report.model.display(),
         report.dtype,
         model

@@ -62,7 +62,7 @@ pub fn compare_models(
     b_name: &str,
 ) -> Result<ProviderComparison> {
     let index = load_reference(&a.dir)?;
-    let tol = Tolerances::for_dtype(a.manifest.dtype);
+    let tol = Tolerances::for_manifest(&a.manifest);
     let mut cases = Vec::new();
     for case in &index.cases {
         let ids = a.prompt_ids(&case.messages(), case.images.len())?;
