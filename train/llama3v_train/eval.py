@@ -21,30 +21,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from llama3v_export.checkpoint import IMAGE_SETTING_KEYS
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, SiglipImageProcessorPil
 
 from .shapes import QUESTIONS, answer, make_sample
 
 EVAL_SEED = 1000
 REPO = Path(__file__).resolve().parents[2]
-IMAGE_PROCESSOR_KEYS = (
-    "do_resize",
-    "size",
-    "resample",
-    "do_rescale",
-    "rescale_factor",
-    "do_normalize",
-    "image_mean",
-    "image_std",
-    "do_convert_rgb",
-)
 
 
 def load_processor(checkpoint: Path) -> LlavaProcessor:
     """The checkpoint's processor with the image processor pinned to the PIL backend (as the runtime replicates)."""
     proc = LlavaProcessor.from_pretrained(checkpoint)
     settings = json.loads((checkpoint / "preprocessor_config.json").read_text())
-    proc.image_processor = SiglipImageProcessorPil(**{k: settings[k] for k in IMAGE_PROCESSOR_KEYS})
+    proc.image_processor = SiglipImageProcessorPil(**{k: settings[k] for k in IMAGE_SETTING_KEYS})
     return proc
 
 
