@@ -30,8 +30,7 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} histogram");
+        header(out, name, "histogram", help);
         for (bound, count) in BUCKETS.iter().zip(self.counts.iter()) {
             let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
         }
@@ -108,31 +107,45 @@ impl Metrics {
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::new();
         self.with(|m| {
-            out.push_str("# HELP llama3v_requests_total HTTP requests by endpoint and status.\n");
-            out.push_str("# TYPE llama3v_requests_total counter\n");
+            header(
+                &mut out,
+                "llama3v_requests_total",
+                "counter",
+                "HTTP requests by endpoint and status.",
+            );
             for ((endpoint, status), count) in &m.requests {
                 let _ = writeln!(
                     out,
                     "llama3v_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {count}"
                 );
             }
-            out.push_str(
-                "# HELP llama3v_completions_total Generations by finish reason (cancelled: the client \
-                 went away or the server shut down).\n",
+            header(
+                &mut out,
+                "llama3v_completions_total",
+                "counter",
+                "Generations by finish reason (cancelled: the client went away or the server shut \
+                 down).",
             );
-            out.push_str("# TYPE llama3v_completions_total counter\n");
             for (reason, count) in &m.finished {
                 let _ = writeln!(
                     out,
                     "llama3v_completions_total{{finish_reason=\"{reason}\"}} {count}"
                 );
             }
-            out.push_str("# HELP llama3v_prompt_tokens_total Prompt tokens processed.\n");
-            out.push_str("# TYPE llama3v_prompt_tokens_total counter\n");
-            let _ = writeln!(out, "llama3v_prompt_tokens_total {}", m.prompt_tokens);
-            out.push_str("# HELP llama3v_completion_tokens_total Tokens generated.\n");
-            out.push_str("# TYPE llama3v_completion_tokens_total counter\n");
-            let _ = writeln!(out, "llama3v_completion_tokens_total {}", m.completion_tokens);
+            single(
+                &mut out,
+                "llama3v_prompt_tokens_total",
+                "counter",
+                "Prompt tokens processed.",
+                m.prompt_tokens,
+            );
+            single(
+                &mut out,
+                "llama3v_completion_tokens_total",
+                "counter",
+                "Tokens generated.",
+                m.completion_tokens,
+            );
             m.request_seconds.render(
                 &mut out,
                 "llama3v_request_duration_seconds",
@@ -149,17 +162,41 @@ impl Metrics {
                 "Time a request waited for a generation slot.",
             );
         });
-        out.push_str("# HELP llama3v_requests_running Generations running now.\n");
-        out.push_str("# TYPE llama3v_requests_running gauge\n");
-        let _ = writeln!(out, "llama3v_requests_running {}", gauges.running);
-        out.push_str("# HELP llama3v_queue_depth Requests waiting for a generation slot.\n");
-        out.push_str("# TYPE llama3v_queue_depth gauge\n");
-        let _ = writeln!(out, "llama3v_queue_depth {}", gauges.queued);
-        out.push_str("# HELP llama3v_ready 1 once the model is loaded.\n");
-        out.push_str("# TYPE llama3v_ready gauge\n");
-        let _ = writeln!(out, "llama3v_ready {}", u8::from(gauges.ready));
+        single(
+            &mut out,
+            "llama3v_requests_running",
+            "gauge",
+            "Generations running now.",
+            gauges.running,
+        );
+        single(
+            &mut out,
+            "llama3v_queue_depth",
+            "gauge",
+            "Requests waiting for a generation slot.",
+            gauges.queued,
+        );
+        single(
+            &mut out,
+            "llama3v_ready",
+            "gauge",
+            "1 once the model is loaded.",
+            u8::from(gauges.ready),
+        );
         out
     }
+}
+
+/// A metric's `# HELP` and `# TYPE` lines.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A metric with one unlabelled value.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    header(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
 }
 
 #[cfg(test)]
