@@ -103,11 +103,18 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
         }
     }
     println!(
-        "decode     {} (KV cache fed back {})",
+        "decoder    {} flavour",
+        model.manifest.decoder_flavour.name()
+    );
+    println!(
+        "decode     {} (KV cache {})",
         model.sessions.decoder_mode().name(),
         match model.sessions.decoder_mode() {
-            StepMode::Plain => "through host-visible outputs of each run",
-            StepMode::Bound => "in the decoder's device memory through an IoBinding",
+            StepMode::Plain => "fed back through host-visible outputs of each run",
+            StepMode::Bound => "fed back in the decoder's device memory through an IoBinding",
+            StepMode::Shared => {
+                "appended in place to buffers sized to the request, bound as past and present"
+            }
         }
     );
     Ok(ExitCode::SUCCESS)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .fused import FLAVOURS, FusedExportError
 from .graphs import dims_from_config, export_all, graph_specs, load_model
 from .manifest import build_manifest, write_model_files
 from .quantize import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, quantization_entry, quantize_graph
@@ -45,11 +46,13 @@ def export_model(
     external_data: bool | None = None,
     quant: str | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    decoder: str = "plain",
 ) -> ExportResult:
     """Export, validate against PyTorch, optionally write reference cases, then write the manifest.
 
     `quant="int4"` quantizes the decoder's weights after the fp32 graphs are written and validated (quantize.py);
-    the quantized decoder is then validated with the int4 tolerances (validate.py).
+    the quantized decoder is then validated with the int4 tolerances (validate.py). `decoder="fused"` builds the
+    decoder from ONNX Runtime's contrib ops (fused.py) instead of tracing it.
 
     Raises CheckpointError for an unusable checkpoint and ValidationError when a graph is out of tolerance (the
     manifest is then not written, so the directory is not loadable).
@@ -75,7 +78,7 @@ def export_model(
         f"loaded model ({dtype}): {dims.num_layers} layers, hidden {dims.hidden_size}, {dims.tokens_per_image} "
         "image tokens"
     )
-    files = export_all(model, dims, out, FLOAT_DTYPES[dtype], opset, step, external_data)
+    files = export_all(model, dims, out, FLOAT_DTYPES[dtype], opset, step, external_data, decoder)
     graph_files = {name: paths[0] for name, paths in files.items()}
     if dtype != "fp32" and (validate or reference):
         # fp16 graphs are judged against the fp32 model (the error that matters is the one from full precision),
@@ -85,7 +88,7 @@ def export_model(
     result = ExportResult(out, {})
     if validate:
         step("validating graphs with onnxruntime against PyTorch")
-        result.comparisons += validate_graphs(graph_files, specs, model, dims, dtype, step)
+        result.comparisons += validate_graphs(graph_files, specs, model, dims, dtype, step, decoder=decoder)
     if quant is not None:
         for name in quantization_entry(block_size)["graphs"]:
             step(f"quantizing the {name} graph ({quant}, block size {block_size})")
@@ -93,7 +96,7 @@ def export_model(
         if validate:
             step(f"validating the {quant} decoder against PyTorch fp32")
             result.comparisons += validate_graphs(
-                graph_files, specs, model, dims, dtype, step, quant=quant, graphs=("decoder",)
+                graph_files, specs, model, dims, dtype, step, quant=quant, graphs=("decoder",), decoder=decoder
             )
     if reference:
         step("computing reference cases with transformers")
@@ -110,7 +113,7 @@ def export_model(
                     out / "reference", graph_files, specs, dims, dtype, checkpoint.image_token_id, model, step
                 )
     quantization = quantization_entry(block_size) if quant is not None else None
-    result.manifest = build_manifest(checkpoint, dims, specs, files, dtype, opset, quantization)
+    result.manifest = build_manifest(checkpoint, dims, specs, files, dtype, opset, quantization, decoder)
     write_model_files(out, checkpoint, result.manifest)
     step(f"wrote {out / 'manifest.json'}")
     return result
@@ -131,6 +134,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=sorted(EXTERNAL_DATA_CHOICES),
         default="auto",
         help="weights in <graph>.onnx.data: auto (graphs with over 64 MiB of weights), always, never",
+    )
+    parser.add_argument(
+        "--decoder",
+        choices=FLAVOURS,
+        default="plain",
+        help="decoder graph: plain (traced, standard ONNX ops, every provider including TensorRT) or fused "
+        "(ONNX Runtime contrib ops: GroupQueryAttention appending to a shared KV buffer; CPU and CUDA)",
     )
     parser.add_argument(
         "--quant",
@@ -161,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             external_data=EXTERNAL_DATA_CHOICES[args.external_data],
             quant=args.quant,
             block_size=args.block_size,
+            decoder=args.decoder,
         )
-    except CheckpointError as err:
+    except (CheckpointError, FusedExportError) as err:
         print(f"llama3v-export: error: {err}", file=sys.stderr)
         return 2
     except ValidationError as err:
@@ -171,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     checked = f"{len(result.comparisons)} comparisons within tolerance" if result.comparisons else "not validated"
     cases = f", {len(result.reference['cases'])} reference cases" if result.reference else ""
     kind = args.dtype if args.quant is None else f"{args.dtype} + {args.quant} decoder (block {args.block_size})"
+    kind += f", {args.decoder} decoder"
     print(f"llama3v-export: wrote {kind} model directory {result.model_dir} ({checked}{cases})")
     return 0
 

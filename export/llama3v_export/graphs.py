@@ -389,16 +389,25 @@ def export_all(
     opset: int,
     log: Callable[[str], None] = print,
     external_data: bool | None = None,
+    decoder: str = "plain",
 ) -> dict[str, list[Path]]:
-    """Export vision, embed and decoder into `out_dir`; returns each graph's files."""
+    """Export vision, embed and decoder into `out_dir`; returns each graph's files. `decoder` is the decoder's
+    flavour: `plain` (traced) or `fused` (built with ONNX Runtime's contrib ops, fused.py)."""
+    from .fused import export_fused_decoder  # fused.py builds on this module's specs and writer
+
     specs = graph_specs(dims, float_dtype)
     files: dict[str, list[Path]] = {}
     for name, module in wrappers(model, dims).items():
         start = time.perf_counter()
-        log(f"exporting {name} graph ...")
-        attention = grouped_kv_attention() if name == "decoder" else contextlib.nullcontext()
-        with attention:
-            files[name] = export_graph(module, specs[name], out_dir, dims, opset, external_data)
+        log(f"exporting {name} graph{' (fused)' if name == 'decoder' and decoder == 'fused' else ''} ...")
+        if name == "decoder" and decoder == "fused":
+            files[name] = export_fused_decoder(
+                model, specs[name], out_dir, float_dtype, opset, dims.max_context, external_data
+            )
+        else:
+            attention = grouped_kv_attention() if name == "decoder" else contextlib.nullcontext()
+            with attention:
+                files[name] = export_graph(module, specs[name], out_dir, dims, opset, external_data)
         check_io(files[name][0], specs[name])
         size = sum(p.stat().st_size for p in files[name]) / 2**20
         names = ", ".join(p.name for p in files[name])

@@ -113,14 +113,16 @@ def build_manifest(
     dtype: str,
     opset: int,
     quantization: dict[str, Any] | None = None,
+    decoder_flavour: str = "plain",
 ) -> dict[str, Any]:
     """`quantization` (quantize.quantization_entry) is written when graphs were quantized; `dtype` stays the
-    float type of the graphs' inputs and outputs."""
+    float type of the graphs' inputs and outputs. `decoder_flavour` is how the decoder graph was built."""
     generation = checkpoint.generation_config
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "dtype": dtype,
+        "decoder_flavour": decoder_flavour,
         "graphs": {name: graph_entry(specs[name], files[name]) for name in ("vision", "embed", "decoder")},
         "model": {
             "num_layers": dims.num_layers,
@@ -143,7 +145,6 @@ def build_manifest(
             "onnx_opset": opset,
             "dtype": dtype,
             "quantization": quantization["method"] if quantization else None,
-            "graph_flavour": "plain",
         },
     }
     if quantization is not None:

@@ -156,7 +156,9 @@ CASES = (
 )
 
 
-def _case_inputs(spec: GraphSpec, dims: Dims, sizes: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
+def _case_inputs(
+    spec: GraphSpec, dims: Dims, sizes: dict[str, int], seed: int, padding: bool = True
+) -> dict[str, torch.Tensor]:
     inputs = dummy_inputs(spec, {**sizes, "vocab": dims.vocab_size}, seed=seed)
     if "pixel_values" in inputs:
         # The processor's output range: [0, 1] after rescaling, [-1, 1] after normalising with mean = std = 0.5.
@@ -166,7 +168,7 @@ def _case_inputs(spec: GraphSpec, dims: Dims, sizes: dict[str, int], seed: int) 
     if "input_ids" in inputs:
         # Both ends of the table; the last row is the image token's.
         inputs["input_ids"][0, :3] = torch.tensor([0, dims.vocab_size - 1, dims.vocab_size - 2])
-    if sizes["batch"] == 2 and "attention_mask" in inputs:
+    if padding and sizes["batch"] == 2 and "attention_mask" in inputs:
         # Left padding in the second sequence's past; its new positions keep attending to real positions.
         inputs["attention_mask"][1, :2] = 0
     return inputs
@@ -186,16 +188,25 @@ def validate_graphs(
     log: Callable[[str], None] = print,
     quant: str | None = None,
     graphs: Sequence[str] = ("vision", "embed", "decoder"),
+    decoder: str = "plain",
 ) -> list[Comparison]:
     """Run every case of `graphs` through onnxruntime and the fp32 PyTorch model; raises ValidationError on any
-    failure. `quant` names the quantization of the graphs in `files` (int4: the quantized tolerances)."""
+    failure. `quant` names the quantization of the graphs in `files` (int4: the quantized tolerances).
+
+    A fused decoder (`decoder="fused"`) runs the chunk case with one sequence (its contract: an unpadded
+    sequence; GroupQueryAttention appends several positions to a past for batch 1 only) and also the way the runtime drives it: prefill, a decode step and a chunk appended in place to buffers
+    bound as both past and present."""
     comparisons: list[Comparison] = []
     sessions = {name: session(path) for name, path in files.items() if name in graphs}
     for seed, (graph, case, sizes) in enumerate(CASES):
         if graph not in graphs:
             continue
         spec = specs[graph]
-        inputs = _case_inputs(spec, dims, sizes, seed)
+        padding = decoder == "plain"
+        if not padding and graph == "decoder" and sizes["sequence"] > 1 and sizes["past_sequence"] > 0:
+            # GroupQueryAttention appends several positions to a past for one sequence only.
+            case, sizes = case.replace(", B=2 with padding", ""), {**sizes, "batch": 1}
+        inputs = _case_inputs(spec, dims, sizes, seed, padding)
         got = sessions[graph].run([t.name for t in spec.outputs], {k: v.numpy() for k, v in inputs.items()})
         want = _torch_reference(reference, dims, graph, inputs)
         for tensor, g, w in zip(spec.outputs, got, want, strict=True):
@@ -208,8 +219,62 @@ def validate_graphs(
             result = replace(result, min_top_k=None)
             log(result.line())
             comparisons.append(result)
+    if decoder == "fused" and "decoder" in graphs:
+        for result in _shared_buffer_case(sessions["decoder"], specs["decoder"], reference, dims, dtype, quant):
+            log(result.line())
+            comparisons.append(result)
     raise_on_failure(comparisons)
     return comparisons
+
+
+# Runs of the shared-buffer case: prefill, one decode step, then a chunk, into buffers of SHARED_CAPACITY.
+SHARED_RUNS = (5, 1, 3)
+SHARED_CAPACITY = 12
+
+
+def _shared_buffer_case(
+    decoder: ort.InferenceSession,
+    spec: GraphSpec,
+    reference: LlavaForConditionalGeneration,
+    dims: Dims,
+    dtype: str,
+    quant: str | None,
+) -> list[Comparison]:
+    """The fused decoder driven as the runtime drives it: each past input and its present output bound to one
+    buffer of SHARED_CAPACITY positions, SHARED_RUNS appended in place. After each run the logits and the valid
+    part of every buffer are compared with the PyTorch model run over the whole prefix."""
+    float_type = np.float16 if dtype == "fp16" else np.float32
+    total = sum(SHARED_RUNS)
+    embeds = torch.randn(1, total, dims.hidden_size, generator=torch.Generator().manual_seed(7))
+    shape = (1, dims.num_kv_heads, SHARED_CAPACITY, dims.head_dim)
+    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, float_type)) for _ in spec.inputs[3:]]
+    comparisons, position = [], 0
+    for length in SHARED_RUNS:
+        end = position + length
+        binding = decoder.io_binding()
+        binding.bind_cpu_input("inputs_embeds", embeds[:, position:end].numpy().astype(float_type))
+        binding.bind_cpu_input("attention_mask", np.ones((1, end), np.int64))
+        binding.bind_cpu_input("position_ids", np.arange(position, end, dtype=np.int64)[None])
+        binding.bind_output(spec.outputs[0].name)
+        for past, present, buffer in zip(spec.inputs[3:], spec.outputs[1:], buffers, strict=True):
+            binding.bind_ortvalue_input(past.name, buffer)
+            binding.bind_ortvalue_output(present.name, buffer)
+        decoder.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        full = {
+            "inputs_embeds": embeds[:, :end],
+            "attention_mask": torch.ones(1, end, dtype=torch.int64),
+            "position_ids": torch.arange(end)[None],
+            **{t.name: torch.zeros(1, dims.num_kv_heads, 0, dims.head_dim) for t in spec.inputs[3:]},
+        }
+        want_logits, *want_cache = _torch_reference(reference, dims, "decoder", full)
+        label = f"decoder shared buffer (runs {'+'.join(map(str, SHARED_RUNS))}, capacity {SHARED_CAPACITY}) P={end}"
+        comparisons.append(compare(f"{label} logits", logits, want_logits, dtype, logits=True, quant=quant))
+        cache = np.stack([b.numpy()[:, :, :end] for b in buffers])
+        comparisons.append(compare(f"{label} cache", cache, np.stack(want_cache), dtype, quant=quant))
+        position = end
+    # One position per run: top-1 agreement is reported, and judged on the reference cases.
+    return [replace(c, min_top_k=None) for c in comparisons]
 
 
 def raise_on_failure(comparisons: list[Comparison]) -> None:

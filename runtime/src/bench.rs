@@ -253,7 +253,7 @@ impl Model {
             let vision = t.elapsed();
             let t = Instant::now();
             let embeds = sessions.prompt_embeddings(&ids, &features)?;
-            let cache = sessions.prefill(&embeds, ids.len(), &mut logits)?;
+            let cache = sessions.prefill(&embeds, ids.len(), 0, &mut logits)?;
             let prefill = t.elapsed();
             std::hint::black_box(argmax(&logits));
             let ttft = start.elapsed();
@@ -287,7 +287,9 @@ impl Model {
             let mut ids = vec![manifest.text.bos_token_id];
             ids.extend(synth.ids(context.saturating_sub(1)));
             let embeds = sessions.prompt_embeddings(&ids, &[])?;
-            let mut cache = sessions.prefill(&embeds, ids.len(), &mut logits)?;
+            // The warm-up's steps and the timed ones.
+            let reserve = config.new_tokens + 3;
+            let mut cache = sessions.prefill(&embeds, ids.len(), reserve, &mut logits)?;
             let mut token = argmax(&logits);
             // Untimed warm-up steps on the first context: ONNX Runtime plans its first runs.
             if i == 0 {

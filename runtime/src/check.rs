@@ -398,9 +398,9 @@ impl Model {
             .sessions
             .prompt_embeddings(&reference.input_ids, &features)?;
         let mut logits = Vec::new();
-        let mut cache = self
-            .sessions
-            .prefill(&embeds, reference.input_ids.len(), &mut logits)?;
+        let mut cache =
+            self.sessions
+                .prefill(&embeds, reference.input_ids.len(), steps, &mut logits)?;
         let mut worst = 0.0f64;
         let mut worst_step = 0;
         let mut agreement = 0;

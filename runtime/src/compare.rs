@@ -98,8 +98,18 @@ pub fn compare_models(
         ));
 
         let (mut logits_a, mut logits_b) = (Vec::new(), Vec::new());
-        let mut cache_a = a.sessions.prefill(&embeds_a, ids.len(), &mut logits_a)?;
-        let mut cache_b = b.sessions.prefill(&embeds_a, ids.len(), &mut logits_b)?;
+        let mut cache_a = a.sessions.prefill(
+            &embeds_a,
+            ids.len(),
+            case.greedy_tokens.len(),
+            &mut logits_a,
+        )?;
+        let mut cache_b = b.sessions.prefill(
+            &embeds_a,
+            ids.len(),
+            case.greedy_tokens.len(),
+            &mut logits_b,
+        )?;
         let mut worst: Option<(usize, Measure)> = None;
         let mut agreement = 0;
         for step in 0..case.greedy_tokens.len() {

@@ -7,7 +7,9 @@
 // memory: on the CPU that is where the cache lives anyway, but on CUDA or TensorRT it would copy the
 // whole cache to the host and back every step. A bound run ([`BoundIo`]) binds the present outputs to
 // the decoder's device memory and the next run's past inputs to those same values, so the cache never
-// leaves the device; only the logits are bound to host memory.
+// leaves the device; only the logits are bound to host memory. A shared run (fused decoders) binds
+// each past input and its present output to one buffer of the request's capacity, once per sequence:
+// the graph appends the new positions in place and no run allocates or copies the cache.
 
 use std::borrow::Cow;
 use std::time::Instant;
@@ -29,6 +31,9 @@ pub enum StepMode {
     Plain,
     /// An IoBinding: the cache bound in the decoder's device memory, the logits in host memory.
     Bound,
+    /// An IoBinding whose past inputs and present outputs are the same fixed-capacity buffers
+    /// ([`KvCache::shared`]); needs a fused decoder.
+    Shared,
 }
 
 impl StepMode {
@@ -37,6 +42,7 @@ impl StepMode {
         match self {
             StepMode::Plain => "plain",
             StepMode::Bound => "io_binding",
+            StepMode::Shared => "shared_buffer",
         }
     }
 }
@@ -66,8 +72,8 @@ pub fn decoder_step(
         return Err(graph.error("the decoder's float type cannot be int64".into()));
     }
     let hidden = embeds.len() / seq;
-    if mode == StepMode::Bound {
-        return bound_step(graph, dtype, embeds, seq, hidden, cache, logits);
+    if mode != StepMode::Plain {
+        return bound_step(graph, dtype, mode, embeds, seq, hidden, cache, logits);
     }
     let past = cache.len();
     let total = past + seq;
@@ -141,7 +147,9 @@ pub(crate) struct BoundIo {
 }
 
 impl BoundIo {
-    fn new(graph: &Graph) -> Result<BoundIo> {
+    /// A binding with the logits bound; with `shared` buffers, also each past input and its present
+    /// output bound to the same buffer for the sequence's life.
+    fn new(graph: &Graph, shared: Option<&mut [DynValue]>) -> Result<BoundIo> {
         let mut binding = graph.create_binding()?;
         let logits = &graph.spec.outputs[0];
         // check_io made the graph's logits the manifest's dtype and rank; a fixed shape is bound once.
@@ -158,6 +166,14 @@ impl BoundIo {
             }
             None => false,
         };
+        if let Some(buffers) = shared {
+            let spec = &graph.spec;
+            let pairs = spec.inputs[3..].iter().zip(&spec.outputs[1..]);
+            for ((past, present), buffer) in pairs.zip(buffers.iter_mut()) {
+                binding.bind_input(past.name.as_str(), &*buffer)?;
+                binding.bind_output(present.name.as_str(), &mut *buffer)?;
+            }
+        }
         Ok(BoundIo {
             binding,
             cache_memory: graph.device.memory_info()?,
@@ -184,11 +200,14 @@ fn reusable<'a>(
 }
 
 /// [`decoder_step`] through the sequence's [`BoundIo`]: inputs from host buffers reused between steps,
-/// the past bound to the cache's values where the last run left them, the presents bound to the
-/// decoder's device, the logits to host memory.
+/// the logits bound to host memory. [`StepMode::Bound`]: the past bound to the cache's values where the
+/// last run left them, the presents bound to the decoder's device. [`StepMode::Shared`]: past and
+/// present bound once to the cache's buffers, which the run appends to.
+#[allow(clippy::too_many_arguments)]
 fn bound_step(
     graph: &Graph,
     dtype: TensorDtype,
+    mode: StepMode,
     embeds: &[f32],
     seq: usize,
     hidden: usize,
@@ -205,9 +224,16 @@ fn bound_step(
             spec.inputs.len().saturating_sub(3)
         )));
     }
+    let shared = mode == StepMode::Shared;
+    if shared {
+        if cache.capacity().is_none() {
+            return Err(graph.error("a shared-buffer run needs a cache of shared buffers".into()));
+        }
+        cache.grow(total, graph.device, dtype)?;
+    }
     let mut io = match cache.bound.take() {
         Some(io) => io,
-        None => BoundIo::new(graph)?,
+        None => BoundIo::new(graph, shared.then(|| cache.entries_mut()))?,
     };
 
     let BoundIo {
@@ -240,17 +266,19 @@ fn bound_step(
     binding.bind_input(spec.inputs[0].name.as_str(), &*embeds_value)?;
     binding.bind_input(spec.inputs[1].name.as_str(), &mask)?;
     binding.bind_input(spec.inputs[2].name.as_str(), &*positions)?;
-    for (input, value) in spec.inputs[3..].iter().zip(cache.entries()) {
-        binding.bind_input(input.name.as_str(), value)?;
-    }
     if !*logits_prebound {
         binding.bind_output_to_device(spec.outputs[0].name.as_str(), host_memory)?;
     }
-    // Binding to a device again also drops the binding's hold on the last run's presents: left bound
-    // to them (this run's past inputs, `seq` positions shorter), ONNX Runtime would try to write this
-    // run's presents into them.
-    for output in &spec.outputs[1..] {
-        binding.bind_output_to_device(output.name.as_str(), cache_memory)?;
+    if !shared {
+        for (input, value) in spec.inputs[3..].iter().zip(cache.entries()) {
+            binding.bind_input(input.name.as_str(), value)?;
+        }
+        // Binding to a device again also drops the binding's hold on the last run's presents: left
+        // bound to them (this run's past inputs, `seq` positions shorter), ONNX Runtime would try to
+        // write this run's presents into them.
+        for output in &spec.outputs[1..] {
+            binding.bind_output_to_device(output.name.as_str(), cache_memory)?;
+        }
     }
 
     let started = Instant::now();
@@ -258,15 +286,24 @@ fn bound_step(
     let result = graph.run_binding(&io.binding, |outputs| {
         ran = Some(started.elapsed());
         read_last_row(&graph.take_output(outputs, 0)?, logits)?;
+        if shared {
+            // The presents are the cache's own buffers, already holding this run's positions.
+            return Ok(Vec::new());
+        }
         (1..graph.spec.outputs.len())
             .map(|i| graph.take_output(outputs, i))
             .collect::<Result<Vec<_>>>()
     });
-    // The binding holds the past and the other inputs until cleared: let the past go now, not at the
-    // next step, so the cache is not held twice between steps.
-    io.binding.clear_inputs();
-    let presents = result?;
-    cache.replace(presents, total);
+    if shared {
+        result?;
+        cache.set_len(total);
+    } else {
+        // The binding holds the past and the other inputs until cleared: let the past go now, not at
+        // the next step, so the cache is not held twice between steps.
+        io.binding.clear_inputs();
+        let presents = result?;
+        cache.replace(presents, total);
+    }
     cache.set_last_run(ran.unwrap_or_default());
     cache.bound = Some(io);
     Ok(())

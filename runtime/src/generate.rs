@@ -161,7 +161,9 @@ impl Model {
         let t = Instant::now();
         let embeds = self.sessions.prompt_embeddings(&prompt, &features)?;
         let mut logits = Vec::new();
-        let mut cache = self.sessions.prefill(&embeds, prompt.len(), &mut logits)?;
+        let mut cache =
+            self.sessions
+                .prefill(&embeds, prompt.len(), request.max_new_tokens, &mut logits)?;
         timings.prefill_ms = ms_since(t);
 
         let stop_ids = &self.manifest.text.stop_token_ids;

@@ -216,6 +216,22 @@ impl Graph {
         Ok(session.create_binding()?)
     }
 
+    /// An allocator of this graph's device memory, for tensors a binding keeps between runs: ONNX
+    /// Runtime's CPU allocator, or the session's allocator for its CUDA memory.
+    pub fn allocator(&self) -> Result<ort::memory::Allocator> {
+        if self.device == Device::Cpu {
+            return Ok(ort::memory::Allocator::default());
+        }
+        let session = self
+            .session
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(ort::memory::Allocator::new(
+            &session,
+            self.device.memory_info()?,
+        )?)
+    }
+
     /// Runs the session on what `binding` binds and hands the outputs to `read`. Copies of inputs to
     /// the device, which ONNX Runtime queues when they are bound, are waited for before the run; copies
     /// of outputs to host memory are complete before `read` sees them.

@@ -38,6 +38,32 @@ pub struct Manifest {
     /// Weight quantization of some graphs (`llama3v-export --quant`); absent for a float export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<Quantization>,
+    /// How the decoder graph was built (`llama3v-export --decoder`); `plain` when absent.
+    #[serde(default)]
+    pub decoder_flavour: DecoderFlavour,
+}
+
+/// The decoder graph's flavour (onnx/README.md, "Decoder flavours").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecoderFlavour {
+    /// Traced from PyTorch, standard ONNX ops only: runs on every provider, TensorRT included. Each run
+    /// returns a new present cache of `past + new` positions.
+    #[default]
+    Plain,
+    /// Built from ONNX Runtime's contrib ops (GroupQueryAttention, SkipSimplifiedLayerNormalization):
+    /// ONNX Runtime's CPU and CUDA providers only. The present cache may be bound to the past's buffer,
+    /// which the graph then appends to in place.
+    Fused,
+}
+
+impl DecoderFlavour {
+    pub fn name(self) -> &'static str {
+        match self {
+            DecoderFlavour::Plain => "plain",
+            DecoderFlavour::Fused => "fused",
+        }
+    }
 }
 
 /// Weight-only quantization recorded by the exporter. The quantized graphs keep the float inputs and

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::graph::{Device, Graph, SessionOptions};
 use crate::kv_cache::KvCache;
 use crate::manifest::{
-    resolve_inside, ImageSettings, LoadOptions, Manifest, ModelDims, TensorDtype,
+    resolve_inside, DecoderFlavour, ImageSettings, LoadOptions, Manifest, ModelDims, TensorDtype,
 };
 use crate::preprocess::pixel_values;
 use crate::splice::splice_image_features;
@@ -44,8 +44,9 @@ pub struct Sessions {
     image: ImageSettings,
     /// Most prompt tokens per decoder run in prefill; 0: the whole prompt in one run.
     prefill_chunk: usize,
-    /// How the decoder runs: bound (the cache stays in the decoder's device memory) on CUDA and
-    /// TensorRT, and on the CPU when `decode.io_binding` asks for it.
+    /// How the decoder runs: a fused decoder appends to shared buffers; a plain one runs bound (the
+    /// cache stays in the decoder's device memory) on CUDA and TensorRT, and on the CPU when
+    /// `decode.io_binding` asks for it.
     decoder_mode: StepMode,
 }
 
@@ -83,16 +84,16 @@ impl Model {
         let graphs = &manifest.graphs;
         let session = options.session.for_model(&manifest.model)?;
         let decoder = Graph::open(dir, "decoder", &graphs.decoder, &session)?;
-        let bound = (options.session.ep.decode).io_binding_on(decoder.device != Device::Cpu);
+        let decoder_mode = step_mode(
+            manifest.decoder_flavour,
+            options.session.ep.decode.io_binding,
+            decoder.device,
+        );
         let sessions = Sessions {
             vision: Graph::open(dir, "vision", &graphs.vision, &session)?,
             embed: Graph::open(dir, "embed", &graphs.embed, &session)?,
             decoder,
-            decoder_mode: if bound {
-                StepMode::Bound
-            } else {
-                StepMode::Plain
-            },
+            decoder_mode,
             dtype: manifest.float_dtype(),
             dims: manifest.model.clone(),
             image: manifest.image.clone(),
@@ -178,10 +179,26 @@ impl Sessions {
     }
 
     /// Runs the prompt through the decoder, in one run or in runs of at most `limits.prefill_chunk`
-    /// tokens; returns the cache and the last position's logits.
-    pub fn prefill(&self, embeds: &[f32], seq: usize, logits: &mut Vec<f32>) -> Result<KvCache> {
+    /// tokens; returns the cache and the last position's logits. `reserve` is how many positions the
+    /// caller will append after the prompt: shared buffers are sized to the prompt plus that (within
+    /// the model's context), so decoding never reallocates them.
+    pub fn prefill(
+        &self,
+        embeds: &[f32],
+        seq: usize,
+        reserve: usize,
+        logits: &mut Vec<f32>,
+    ) -> Result<KvCache> {
         let dtype = self.dtype;
-        let mut cache = KvCache::empty(&self.dims, dtype)?;
+        let mut cache = if self.decoder_mode == StepMode::Shared {
+            let capacity = seq
+                .saturating_add(reserve)
+                .min(self.dims.max_context)
+                .max(seq);
+            KvCache::shared(&self.dims, dtype, capacity, &self.decoder.allocator()?)?
+        } else {
+            KvCache::empty(&self.dims, dtype)?
+        };
         if seq == 0 || !embeds.len().is_multiple_of(seq) {
             return Err(self.decoder.error(format!(
                 "{} embedding values do not make {seq} rows",
@@ -223,14 +240,57 @@ impl Sessions {
         )
     }
 
-    /// How the decoder runs: [`StepMode::Bound`] keeps the KV cache in the decoder's device memory.
+    /// How the decoder runs: [`StepMode::Bound`] keeps the KV cache in the decoder's device memory,
+    /// [`StepMode::Shared`] appends to it in place.
     pub fn decoder_mode(&self) -> StepMode {
         self.decoder_mode
     }
 }
 
+/// The decoder's step mode: a fused decoder appends in place to shared buffers unless
+/// `decode.io_binding=false` asks for plain runs (the fused graph also returns a new present when
+/// given a past of exactly its length); a plain decoder runs bound on a GPU, or as asked.
+fn step_mode(flavour: DecoderFlavour, io_binding: Option<bool>, device: Device) -> StepMode {
+    match (flavour, io_binding.unwrap_or(device != Device::Cpu)) {
+        (DecoderFlavour::Fused, _) if io_binding != Some(false) => StepMode::Shared,
+        (_, true) => StepMode::Bound,
+        (_, false) => StepMode::Plain,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_decoders_share_buffers_unless_plain_runs_are_asked_for() {
+        let cuda = Device::Cuda { device_id: 0 };
+        for device in [Device::Cpu, cuda] {
+            for io_binding in [None, Some(true)] {
+                assert_eq!(
+                    step_mode(DecoderFlavour::Fused, io_binding, device),
+                    StepMode::Shared
+                );
+            }
+            assert_eq!(
+                step_mode(DecoderFlavour::Fused, Some(false), device),
+                StepMode::Plain
+            );
+        }
+        assert_eq!(
+            step_mode(DecoderFlavour::Plain, None, Device::Cpu),
+            StepMode::Plain
+        );
+        assert_eq!(
+            step_mode(DecoderFlavour::Plain, None, cuda),
+            StepMode::Bound
+        );
+        assert_eq!(
+            step_mode(DecoderFlavour::Plain, Some(true), Device::Cpu),
+            StepMode::Bound
+        );
+    }
+
     /// A server shares one model between request threads.
     #[test]
     fn a_model_can_be_shared_between_threads() {
