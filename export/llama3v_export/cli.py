@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .fused import FLAVOURS, FusedExportError
+from .fused import FLAVOURS, FusedExportError, check_supported
 from .graphs import dims_from_config, export_all, graph_specs, load_model
 from .manifest import build_manifest, write_model_files
 from .quantize import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, quantization_entry, quantize_graph
@@ -73,6 +73,8 @@ def export_model(
         shutil.rmtree(out / "reference")
     model = load_model(checkpoint.path, dtype)
     dims = dims_from_config(model.config)
+    if decoder == "fused":
+        check_supported(model.config.text_config)
     specs = graph_specs(dims, FLOAT_DTYPES[dtype])
     step(
         f"loaded model ({dtype}): {dims.num_layers} layers, hidden {dims.hidden_size}, {dims.tokens_per_image} "

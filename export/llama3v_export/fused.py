@@ -40,7 +40,8 @@ class FusedExportError(ValueError):
     """The checkpoint has a feature the fused graph does not implement."""
 
 
-def _check_supported(text_config) -> None:
+def check_supported(text_config) -> None:
+    """Raises FusedExportError for a Llama feature the fused graph does not build."""
     unsupported = []
     if getattr(text_config, "attention_bias", False):
         unsupported.append("attention_bias")
@@ -113,7 +114,7 @@ def build_fused_decoder(
 ) -> onnx.ModelProto:
     """The fused decoder of `model` with the contract's inputs and outputs (`spec`)."""
     text = model.config.text_config
-    _check_supported(text)
+    check_supported(text)
     language = model.model.language_model
     layers = language.layers
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads

@@ -326,8 +326,15 @@ def _save(src: Path, dst: Path, spec: GraphSpec, external_data: bool | None) -> 
         onnx.checker.check_model(str(dst))
         return [dst]
     data = dst.with_name(dst.name + ".data")
+    # Tensors under 1 KiB (axes, split sizes, scalars) stay in the graph: ONNX Runtime's shape inference reads
+    # them when it loads the graph, and cannot from external data.
     onnx.save_model(
-        model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=0
+        model,
+        str(dst),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
     )
     # onnx creates the data file readable by its owner only; a server running as another user must read it as it
     # reads the graph.

@@ -194,8 +194,9 @@ def validate_graphs(
     failure. `quant` names the quantization of the graphs in `files` (int4: the quantized tolerances).
 
     A fused decoder (`decoder="fused"`) runs the chunk case with one sequence (its contract: an unpadded
-    sequence; GroupQueryAttention appends several positions to a past for batch 1 only) and also the way the runtime drives it: prefill, a decode step and a chunk appended in place to buffers
-    bound as both past and present."""
+    sequence; GroupQueryAttention appends several positions to a past for batch 1 only), and also runs the way
+    the runtime drives it: prefill, a decode step and a chunk appended in place to buffers bound as both past
+    and present."""
     comparisons: list[Comparison] = []
     sessions = {name: session(path) for name, path in files.items() if name in graphs}
     for seed, (graph, case, sizes) in enumerate(CASES):
