@@ -11,7 +11,9 @@ llama3v on that export and onnxruntime-genai's int4 graph (both block 32, symmet
 ratio llama3v-int4 / genai-int4.
 
 Also measures the machine's memory bandwidth (a large copy) and reports decode against the bandwidth
-floor (decoder weight bytes read per token). Prints a table with ratios ours / best peer.
+floor (decoder weight bytes read per token), and the same floor at the rate a one-row MatMul streams its weight
+on the engines' thread count (with one thread, a core cannot draw the machine's whole bandwidth). Prints a table
+with ratios ours / best peer.
 
 Usage (from the repository root):
     .venv/bin/llama3v-tiny --preset mid --out /tmp/mid-ckpt
@@ -84,6 +86,37 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
     tensor = torch.from_numpy(src)
     read = n * 4 / best(lambda: tensor.sum())
     return {"copy_bytes_per_s": copy, "read_bytes_per_s": read, "best": max(copy, read)}
+
+
+def gemv_bandwidth(threads: int | None, rows: int = 4096, cols: int = 16384, repeats: int = 20) -> float:
+    """Bytes/s at which ONNX Runtime's CPU MatMul streams a 256 MiB fp32 weight for one input row, on the
+    engines' intra-op thread count: what a decode step's MatMuls can reach at best, when one core cannot
+    draw the machine's whole bandwidth."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "gemv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = np.ones((1, rows), np.float32)
+    for _ in range(3):
+        session.run(None, {"x": x})
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        session.run(None, {"x": x})
+        times.append(time.perf_counter() - t)
+    return weight.nbytes / median(times)
 
 
 # --- llama3v -------------------------------------------------------------------------------------
@@ -393,6 +426,11 @@ def table(results: dict, contexts: list[int], floor: dict) -> str:
         f"{floor['floor_tokens_per_s']:.1f} tok/s; llama3v decode @ {contexts[0]} is "
         f"{100 * floor['fraction']:.0f}% of it"
     )
+    lines.append(
+        f"one-row MatMul on the engines' threads streams {floor['gemv_gb_s']:.1f} GB/s -> floor "
+        f"{floor['gemv_floor_tokens_per_s']:.1f} tok/s at that rate; llama3v decode @ {contexts[0]} is "
+        f"{100 * floor['gemv_fraction']:.0f}% of it"
+    )
     return "\n".join(lines)
 
 
@@ -490,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     weights = results["llama3v"]["decoder_weight_bytes"]
     floor_tps = bandwidth / weights
     ours = results["llama3v"]["decode"][contexts[0]]["tokens_per_s"]
+    log(f"MatMul streaming rate on {args.threads or 'every'} thread(s)")
+    gemv = gemv_bandwidth(args.threads)
     floor = {
         "copy_gb_s": bw["copy_bytes_per_s"] / 1e9,
         "read_gb_s": bw["read_bytes_per_s"] / 1e9,
@@ -497,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         "decoder_weight_mb": weights / 1e6,
         "floor_tokens_per_s": floor_tps,
         "fraction": ours / floor_tps,
+        "gemv_gb_s": gemv / 1e9,
+        "gemv_floor_tokens_per_s": gemv / weights,
+        "gemv_fraction": ours / (gemv / weights),
     }
     info["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     text = table(results, contexts, floor)

@@ -203,3 +203,56 @@ fn copy_heads<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims() -> ModelDims {
+        ModelDims {
+            num_layers: 2,
+            num_attention_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 3,
+            hidden_size: 12,
+            vocab_size: 10,
+            max_context: 16,
+        }
+    }
+
+    #[test]
+    fn shared_buffers_grow_keeping_every_valid_position() {
+        crate::ort_env::environment().unwrap();
+        let f32 = TensorDtype::Float32;
+        let mut cache = KvCache::shared(&dims(), f32, 4, &Allocator::default()).unwrap();
+        assert_eq!(cache.capacity(), Some(4));
+        // Buffer `e`, head `h`, position `p`, lane `l` holds e * 1000 + h * 100 + p * 10 + l.
+        let value = |e: usize, h: usize, p: usize, l: usize| (e * 1000 + h * 100 + p * 10 + l) as f32;
+        for (e, entry) in cache.entries_mut().iter_mut().enumerate() {
+            let (_, data) = entry.try_extract_tensor_mut::<f32>().unwrap();
+            for (i, slot) in data.iter_mut().enumerate() {
+                *slot = value(e, i / 12, i % 12 / 3, i % 3);
+            }
+        }
+        cache.set_len(3);
+        cache.grow(4, Device::Cpu, f32).unwrap();
+        assert_eq!(cache.capacity(), Some(4), "enough room: no new buffers");
+        cache.grow(5, Device::Cpu, f32).unwrap();
+        assert_eq!(cache.capacity(), Some(8), "twice the capacity");
+        for (e, entry) in cache.entries().iter().enumerate() {
+            assert_eq!(entry.shape()[..], [1, 2, 8, 3]);
+            let (_, data) = entry.try_extract_tensor::<f32>().unwrap();
+            for h in 0..2 {
+                for p in 0..3 {
+                    for l in 0..3 {
+                        assert_eq!(data[h * 24 + p * 3 + l], value(e, h, p, l));
+                    }
+                }
+            }
+        }
+        cache.grow(9, Device::Cpu, f32).unwrap();
+        assert_eq!(cache.capacity(), Some(16), "at most the model's context");
+        let err = cache.grow(17, Device::Cpu, f32).unwrap_err().to_string();
+        assert!(err.contains("17") && err.contains("16"), "{err}");
+    }
+}

@@ -27,3 +27,13 @@ def load_reference(model_dir: Path) -> dict:
         tensors = load_file(str(ref_dir / case["tensors"]))
         case["input_ids"] = tensors["input_ids"].reshape(-1).tolist()
     return index
+
+
+def case_args(model_dir: Path, case: dict) -> list[str]:
+    """`generate` arguments for a reference case: model, prompt, its images from reference/, system prompt."""
+    args = ["--model", str(model_dir), "--prompt", case["prompt"]]
+    for image in case["images"]:
+        args += ["--image", str(Path(model_dir) / "reference" / image)]
+    if case.get("system"):
+        args += ["--system", case["system"]]
+    return args

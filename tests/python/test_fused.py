@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from helpers import llama3v, load_reference
+from helpers import case_args, llama3v, load_reference
 from llama3v_export.cli import ExportResult, export_model, main
 from llama3v_export.tiny import TINY_PRESETS
 from llama3v_export.validate import FP32_ABS_TOLERANCE
@@ -90,10 +90,10 @@ def test_generate_equals_the_plain_export_token_for_token(fused, tiny_models):
         for case in load_reference(tiny_models[preset])["cases"]:
             outputs = []
             for model_dir in (tiny_models[preset], fused[preset].model_dir):
-                args = ["generate", "--model", str(model_dir), "--prompt", case["prompt"], "--temperature", "0"]
-                for image in case["images"]:
-                    args += ["--image", str(tiny_models[preset] / "reference" / image)]
-                proc = llama3v(*args, "--max-new-tokens", "40", "--ignore-eos", "--json")
+                args = case_args(model_dir, case)
+                proc = llama3v(
+                    "generate", *args, "--temperature", "0", "--max-new-tokens", "40", "--ignore-eos", "--json"
+                )
                 assert proc.returncode == 0, proc.stderr
                 outputs.append(json.loads(proc.stdout)["tokens"])
             assert outputs[0] == outputs[1], f"{preset}/{case['name']}"

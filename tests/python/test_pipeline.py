@@ -10,18 +10,9 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from helpers import llama3v, load_reference
+from helpers import case_args, llama3v, load_reference
 from llama3v_export.manifest import sha256
 from onnx import numpy_helper
-
-
-def case_args(model_dir, case):
-    args = ["--model", str(model_dir), "--prompt", case["prompt"]]
-    for image in case["images"]:
-        args += ["--image", str(model_dir / "reference" / image)]
-    if case.get("system"):
-        args += ["--system", case["system"]]
-    return args
 
 
 def test_check_passes_on_every_tiny_model(tiny_models):
