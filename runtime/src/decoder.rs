@@ -20,9 +20,18 @@ use ort::session::{IoBinding, SessionInputValue};
 use ort::value::{DynTensor, DynValue, Tensor, TensorRef};
 
 use crate::error::{Error, Result};
-use crate::graph::{ort_type, read_last_row, Device, Graph};
+use crate::graph::{ort_type, read_last_row, Device, Graph, Release};
 use crate::kv_cache::KvCache;
 use crate::manifest::{Dim, TensorDtype};
+
+/// A prompt run (more than one new position) hands its arena's free memory back; a decode step keeps it.
+fn release_after(seq: usize) -> Release {
+    if seq > 1 {
+        Release::FreeMemory
+    } else {
+        Release::Keep
+    }
+}
 
 /// How a decoder run hands its inputs and outputs to ONNX Runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +125,7 @@ pub fn decoder_step(
 
     let started = Instant::now();
     let mut ran = None;
-    let presents = graph.run(inputs, |outputs| {
+    let presents = graph.run(inputs, release_after(seq), |outputs| {
         ran = Some(started.elapsed());
         read_last_row(&graph.take_output(outputs, 0)?, logits)?;
         (1..graph.spec.outputs.len())
@@ -283,7 +292,7 @@ fn bound_step(
 
     let started = Instant::now();
     let mut ran = None;
-    let result = graph.run_binding(&io.binding, |outputs| {
+    let result = graph.run_binding(&io.binding, release_after(seq), |outputs| {
         ran = Some(started.elapsed());
         read_last_row(&graph.take_output(outputs, 0)?, logits)?;
         if shared {

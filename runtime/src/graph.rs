@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use half::f16;
 use ort::logging::LogLevel;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
-use ort::session::{IoBinding, Session, SessionInputs, SessionOutputs};
+use ort::session::{IoBinding, RunOptions, Session, SessionInputs, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType};
 
 use crate::ep::{parse_placement, GraphProviderPlan, Provider, ProviderList, Registered};
@@ -121,6 +121,9 @@ pub struct Graph {
     pub name: &'static str,
     pub spec: GraphSpec,
     session: Mutex<Session>,
+    /// Run options that hand the arena's free memory back after a run (see [`Release`]); `None` when
+    /// the device has no arena (`cpu.arena=false`).
+    release_arena: Option<RunOptions>,
     pub providers: Registered,
     pub device: Device,
 }
@@ -150,11 +153,13 @@ impl Graph {
                     registered.warnings = warnings;
                     registered.placement =
                         std::mem::take(&mut *placement.lock().unwrap_or_else(|p| p.into_inner()));
+                    let device = Device::of(&registered.active, options.ep.device_id);
                     return Ok(Graph {
                         name,
                         spec: spec.clone(),
                         session: Mutex::new(session),
-                        device: Device::of(&registered.active, options.ep.device_id),
+                        release_arena: arena_shrinkage(device, options.ep.cpu.arena)?,
+                        device,
                         providers: registered,
                     });
                 }
@@ -196,6 +201,7 @@ impl Graph {
     pub fn run<'i, 'v: 'i, const N: usize, R>(
         &self,
         inputs: impl Into<SessionInputs<'i, 'v, N>>,
+        release: Release,
         read: impl FnOnce(&mut SessionOutputs<'_>) -> Result<R>,
     ) -> Result<R> {
         // A poisoned lock only means another request panicked mid-run; the session itself is intact.
@@ -203,7 +209,13 @@ impl Graph {
             .session
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut outputs = session.run(inputs)?;
+        let mut outputs = match (release, &self.release_arena) {
+            (Release::FreeMemory, Some(shrink)) => session.run_with_options(inputs, shrink)?,
+            _ => session.run(inputs)?,
+        };
+        if release == Release::FreeMemory {
+            crate::heap::release_free_heap();
+        }
         read(&mut outputs)
     }
 
@@ -238,6 +250,7 @@ impl Graph {
     pub fn run_binding<R>(
         &self,
         binding: &IoBinding,
+        release: Release,
         read: impl FnOnce(&mut SessionOutputs<'_>) -> Result<R>,
     ) -> Result<R> {
         binding.synchronize_inputs()?;
@@ -245,7 +258,15 @@ impl Graph {
             .session
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut outputs = session.run_binding(binding)?;
+        let mut outputs = match (release, &self.release_arena) {
+            (Release::FreeMemory, Some(shrink)) => {
+                session.run_binding_with_options(binding, shrink)?
+            }
+            _ => session.run_binding(binding)?,
+        };
+        if release == Release::FreeMemory {
+            crate::heap::release_free_heap();
+        }
         binding.synchronize_outputs()?;
         read(&mut outputs)
     }
@@ -295,6 +316,33 @@ impl Graph {
             self.providers.placement_summary()
         )
     }
+}
+
+/// What a run leaves in ONNX Runtime's memory arena once it is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Freed activation blocks stay in the arena for the next run (decode steps: same sizes every
+    /// step, no page faults).
+    Keep,
+    /// Free memory goes back to the system after the run: the arena's wholly free regions, and the
+    /// heap's free pages (`heap`). For prefill and vision runs, whose activations are many times a
+    /// decode step's: a long-lived server would otherwise keep the largest prompt's working set.
+    FreeMemory,
+}
+
+/// Run options asking ONNX Runtime to shrink the device's arena after a run; `None` for a CPU graph
+/// without an arena (ONNX Runtime refuses to shrink one that does not exist).
+fn arena_shrinkage(device: Device, cpu_arena: bool) -> Result<Option<RunOptions>> {
+    if device == Device::Cpu && !cpu_arena {
+        return Ok(None);
+    }
+    let mut options = RunOptions::new()?;
+    let arena = match device {
+        Device::Cpu => "cpu:0".to_string(),
+        Device::Cuda { device_id } => format!("gpu:{device_id}"),
+    };
+    options.set("memory.enable_memory_arena_shrinkage", arena)?;
+    Ok(Some(options))
 }
 
 /// A session builder whose verbose log is read for ONNX Runtime's node placement (the C API has no

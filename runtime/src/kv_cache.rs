@@ -227,7 +227,8 @@ mod tests {
         let mut cache = KvCache::shared(&dims(), f32, 4, &Allocator::default()).unwrap();
         assert_eq!(cache.capacity(), Some(4));
         // Buffer `e`, head `h`, position `p`, lane `l` holds e * 1000 + h * 100 + p * 10 + l.
-        let value = |e: usize, h: usize, p: usize, l: usize| (e * 1000 + h * 100 + p * 10 + l) as f32;
+        let value =
+            |e: usize, h: usize, p: usize, l: usize| (e * 1000 + h * 100 + p * 10 + l) as f32;
         for (e, entry) in cache.entries_mut().iter_mut().enumerate() {
             let (_, data) = entry.try_extract_tensor_mut::<f32>().unwrap();
             for (i, slot) in data.iter_mut().enumerate() {

@@ -15,6 +15,7 @@ pub mod ep_config;
 pub mod error;
 pub mod generate;
 pub mod graph;
+pub mod heap;
 pub mod kv_cache;
 pub mod manifest;
 pub mod model;

@@ -99,6 +99,8 @@ impl Model {
             image: manifest.image.clone(),
             prefill_chunk: options.session.ep.limits.prefill_chunk,
         };
+        // Session creation frees its copies of the graphs and weights (see `heap`).
+        crate::heap::release_free_heap();
         Ok(Model {
             dir: dir.to_path_buf(),
             manifest,

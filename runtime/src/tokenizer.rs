@@ -35,6 +35,9 @@ impl TextTokenizer {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let inner = Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        drop(bytes);
+        // Parsing frees far more than the tokenizer keeps (see `heap`).
+        crate::heap::release_free_heap();
         Ok(Self::from_tokenizer(inner))
     }
 

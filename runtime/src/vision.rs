@@ -1,7 +1,7 @@
 //! The vision graph: pixel_values [n,3,H,W] -> image_features [n,N_img,D], all images in one run.
 
 use crate::error::Result;
-use crate::graph::{float_tensor, read_floats, Graph};
+use crate::graph::{float_tensor, read_floats, Graph, Release};
 use crate::manifest::TensorDtype;
 
 /// Encodes `count` preprocessed images (CHW, concatenated) of `height` x `width` into feature rows,
@@ -21,7 +21,7 @@ pub fn encode_images(
     let shape = vec![count as i64, 3, height as i64, width as i64];
     let input = float_tensor(dtype, shape, pixel_values)?;
     let inputs = vec![(graph.input_name(0), input)];
-    graph.run(inputs, |outputs| {
+    graph.run(inputs, Release::FreeMemory, |outputs| {
         read_floats(&graph.take_output(outputs, 0)?, &mut features)
     })?;
     Ok(features)
