@@ -93,7 +93,8 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "decode.io_binding",
         "auto, true or false: bind the decoder's inputs and outputs so the KV cache stays in the \
-         provider's memory (default auto: on for CUDA and TensorRT, off on the CPU)",
+         provider's memory (default auto: on for CUDA and TensorRT, off on the CPU; a fused decoder \
+         appends to shared buffers unless false)",
     ),
 ];
 
@@ -169,7 +170,8 @@ pub struct DecodeOptions {
     /// memory and fed back as the next run's past inputs there, and only the logits are bound to host
     /// memory. `None` (auto): on when the decoder runs on CUDA or TensorRT, where a plain run would
     /// return the whole cache to the host every step; off on the CPU, where both paths leave the cache
-    /// in place and the plain run measured as fast (docs/PERFORMANCE.md).
+    /// in place and the plain run measured as fast (docs/PERFORMANCE.md). A fused decoder always runs
+    /// bound, to buffers shared by past and present, unless this is `Some(false)`.
     pub io_binding: Option<bool>,
 }
 
