@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, in one go on a machine with an NVIDIA GPU (about 10 minutes): sets up with the
 # onnxruntime-gpu wheel (LLAMA3V_GPU=1 ./scripts/setup.sh; needs the package index, or a .venv already set
-# up that way), exports a tiny and a mid checkpoint in fp32 and fp16, runs `llama3v check` on cpu, cuda and
-# tensorrt (each GPU list also against cpu, stage by stage), runs `llama3v bench` on each provider where that
+# up that way), exports a tiny and a mid checkpoint in fp32, fp16 and fp16 with the fused decoder, runs
+# `llama3v check` on cpu, cuda and tensorrt (the fused decoder: cpu and cuda; each GPU list also against cpu,
+# stage by stage), runs `llama3v bench` on each provider where that
 # subcommand exists, and prints one table:
 #   model, provider, pass, max logits diff vs cpu, greedy agreement vs cpu, TTFT, decode tok/s.
 # The full reports stay in $LLAMA3V_GPU_CHECK_DIR (default: a new temporary directory).
@@ -34,23 +35,33 @@ export LLAMA3V_CACHE_DIR="$work/cache"
 echo "== reports and caches in $work"
 
 presets=${LLAMA3V_GPU_CHECK_PRESETS:-"tiny-a mid"}
-providers=("cuda" "tensorrt,cuda")
+# Export variants: the float type, and `-fused` for `--decoder fused` (ONNX Runtime contrib ops, which
+# TensorRT does not take; CUDA's GroupQueryAttention is float16 only).
+variants="fp32 fp16 fp16-fused"
+providers_for() {
+    case "$1" in
+        *-fused) echo "cuda" ;;
+        *) echo "cuda tensorrt,cuda" ;;
+    esac
+}
 have_bench=0
 "$bin" bench --help >/dev/null 2>&1 && have_bench=1
 
-# Checkpoints, then the four exports side by side (each validates against PyTorch and computes the
+# Checkpoints, then every export side by side (each validates against PyTorch and computes the
 # reference: the longest part of the run on one core each).
 pids=()
 for preset in $presets; do
     ckpt="$work/$preset-ckpt"
     [ -f "$ckpt/config.json" ] || .venv/bin/llama3v-tiny --preset "$preset" --out "$ckpt" >"$work/$preset-tiny.log" 2>&1 \
         || { echo "gpu-check: llama3v-tiny $preset failed (see $work/$preset-tiny.log)" >&2; exit 2; }
-    for dtype in fp32 fp16; do
-        model="$work/$preset-$dtype"
+    for variant in $variants; do
+        model="$work/$preset-$variant"
         [ -f "$model/manifest.json" ] && continue
-        echo "== export $preset $dtype"
-        .venv/bin/llama3v-export --checkpoint "$ckpt" --out "$model" --dtype "$dtype" --reference \
-            >"$work/$preset-$dtype-export.log" 2>&1 &
+        decoder=plain
+        [ "${variant%-fused}" != "$variant" ] && decoder=fused
+        echo "== export $preset $variant"
+        .venv/bin/llama3v-export --checkpoint "$ckpt" --out "$model" --dtype "${variant%-fused}" \
+            --decoder "$decoder" --reference >"$work/$preset-$variant-export.log" 2>&1 &
         pids+=($!)
     done
 done
@@ -59,9 +70,10 @@ for pid in "${pids[@]}"; do
 done
 
 for preset in $presets; do
-    for dtype in fp32 fp16; do
-        model="$work/$preset-$dtype"
-        tag="$preset-$dtype"
+    for variant in $variants; do
+        model="$work/$preset-$variant"
+        tag="$preset-$variant"
+        read -r -a providers <<<"$(providers_for "$variant")"
         echo "== check $tag on cpu"
         "$bin" check --model "$model" --ep cpu --json >"$work/$tag.cpu.check.json" 2>"$work/$tag.cpu.check.err"
         for ep in "${providers[@]}"; do
@@ -87,12 +99,12 @@ for preset in $presets; do
     done
 done
 
-"$py" - "$work" "$presets" <<'EOF'
+"$py" - "$work" "$presets" "$variants" <<'EOF'
 import json
 import sys
 from pathlib import Path
 
-work, presets = Path(sys.argv[1]), sys.argv[2].split()
+work, presets, variants = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split()
 
 
 def load(path):
@@ -109,9 +121,10 @@ def fell_back(tag, name):
 
 rows = []
 for preset in presets:
-    for dtype in ("fp32", "fp16"):
-        tag = f"{preset}-{dtype}"
-        for name in ("cpu", "cuda", "tensorrt"):
+    for variant in variants:
+        tag = f"{preset}-{variant}"
+        # TensorRT does not take the fused decoder's contrib ops: it is not run there.
+        for name in ("cpu", "cuda") if variant.endswith("-fused") else ("cpu", "cuda", "tensorrt"):
             check = load(work / f"{tag}.{name}.check.json")
             bench = load(work / f"{tag}.{name}.bench.json")
             if name == "cpu":
