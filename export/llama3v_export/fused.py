@@ -19,7 +19,6 @@ Runtime (CPU or CUDA provider), not TensorRT, which is why the plain flavour sta
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from transformers import LlavaForConditionalGeneration
 
-from .graphs import GraphSpec, _save, past_names, present_names
+from .graphs import GraphSpec, past_names, present_names, write_graph
 
 FLAVOURS = ("plain", "fused")
 CONTRIB_DOMAIN = "com.microsoft"
@@ -243,15 +242,4 @@ def export_fused_decoder(
 ) -> list[Path]:
     """Build and write the fused decoder into `out_dir` (same external-data rule as the traced graphs)."""
     proto = build_fused_decoder(model, spec, float_dtype, opset, max_context)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        tmp_file = Path(tmp) / spec.file
-        onnx.save_model(
-            proto,
-            str(tmp_file),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=tmp_file.name + ".data",
-            size_threshold=1024,
-        )
-        del proto
-        return _save(tmp_file, out_dir / spec.file, spec, external_data)
+    return write_graph(proto, out_dir / spec.file, spec, external_data)

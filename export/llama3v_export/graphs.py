@@ -307,6 +307,26 @@ def export_graph(
         return _save(tmp_file, out_dir / spec.file, spec, external_data)
 
 
+def write_graph(proto: onnx.ModelProto, dst: Path, spec: GraphSpec, external_data: bool | None) -> list[Path]:
+    """Write a graph built or rewritten in memory to `dst` by the same rules as an exported one (`_save`).
+
+    The graph goes through a temporary copy with external data (an 8B decoder is over protobuf's 2 GiB even
+    in int4); `proto` is cleared once that copy is written, so its weights are not held twice while `_save`
+    reads them back."""
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        tmp_file = Path(tmp) / dst.name
+        onnx.save_model(
+            proto,
+            str(tmp_file),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=tmp_file.name + ".data",
+            size_threshold=1024,
+        )
+        proto.Clear()
+        return _save(tmp_file, dst, spec, external_data)
+
+
 def _save(src: Path, dst: Path, spec: GraphSpec, external_data: bool | None) -> list[Path]:
     """Write an exported graph into place with the contract's I/O shapes, gathering all weights into one
     `<graph>.onnx.data` when external.

@@ -15,14 +15,13 @@ dot products (onnxruntime-genai's CPU default); the validation measures the erro
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import onnx
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-from .graphs import GraphSpec, _save
+from .graphs import GraphSpec, write_graph
 
 DEFAULT_BLOCK_SIZE = 32
 # MatMulNBits accepts power-of-two blocks from 16 (the kernels' smallest) up.
@@ -65,19 +64,8 @@ def quantize_graph(
     nbits = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
     if nbits == 0:
         raise ValueError(f"{graph.name}: no MatMul with a constant weight to quantize")
-    with tempfile.TemporaryDirectory(dir=graph.parent) as tmp:
-        # Always external in the temporary copy: an int4 8B decoder is still over protobuf's 2 GiB.
-        tmp_file = Path(tmp) / graph.name
-        onnx.save_model(
-            quantized,
-            str(tmp_file),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=tmp_file.name + ".data",
-            size_threshold=1024,
-        )
-        del model, quantized, quantizer
-        written = _save(tmp_file, graph, spec, external_data)
+    del model, quantizer
+    written = write_graph(quantized, graph, spec, external_data)
     size = sum(p.stat().st_size for p in written) / 2**20
     log(
         f"quantized {graph.name}: {nbits} of {float_matmuls} MatMuls -> MatMulNBits (int4, block {block_size}, "
