@@ -53,8 +53,8 @@ def test_manifest_matches_the_contract(exports, preset: str) -> None:
     assert manifest["format"] == "llama3v-model"
     assert manifest["format_version"] == 1
     assert manifest["dtype"] == "fp32"
-    assert set(manifest) == {"format", "format_version", "dtype", "graphs", "model", "image", "text", "generation",
-                             "provenance"}  # fmt: skip
+    assert set(manifest) == {"format", "format_version", "dtype", "decoder_flavour", "graphs", "model", "image",
+                             "text", "generation", "provenance"}  # fmt: skip
 
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     assert manifest["model"] == {
