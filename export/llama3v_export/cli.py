@@ -73,7 +73,7 @@ def export_model(
         shutil.rmtree(out / "reference")
     model = load_model(checkpoint.path, dtype)
     dims = dims_from_config(model.config)
-    if decoder == "fused":
+    if decoder != "plain":
         check_supported(model.config.text_config)
     specs = graph_specs(dims, FLOAT_DTYPES[dtype])
     step(
@@ -108,11 +108,27 @@ def export_model(
         if validate:
             step("running the reference cases through the exported graphs")
             result.comparisons += validate_reference(
-                out / "reference", graph_files, specs, dims, dtype, checkpoint.image_token_id, step, quant=quant
+                out / "reference",
+                graph_files,
+                specs,
+                dims,
+                dtype,
+                checkpoint.image_token_id,
+                step,
+                quant=quant,
+                decoder=decoder,
             )
             if dtype != "fp32" or quant is not None:
                 result.greedy = greedy_agreement(
-                    out / "reference", graph_files, specs, dims, dtype, checkpoint.image_token_id, model, step
+                    out / "reference",
+                    graph_files,
+                    specs,
+                    dims,
+                    dtype,
+                    checkpoint.image_token_id,
+                    model,
+                    step,
+                    decoder=decoder,
                 )
     quantization = quantization_entry(block_size) if quant is not None else None
     result.manifest = build_manifest(checkpoint, dims, specs, files, dtype, opset, quantization, decoder)

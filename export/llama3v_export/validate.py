@@ -193,7 +193,7 @@ def validate_graphs(
     """Run every case of `graphs` through onnxruntime and the fp32 PyTorch model; raises ValidationError on any
     failure. `quant` names the quantization of the graphs in `files` (int4: the quantized tolerances).
 
-    A fused decoder (`decoder="fused"`) runs the chunk case with one sequence (its contract: an unpadded
+    A fused decoder (`decoder="fused"`) runs the chunk case with one sequence (its contract: one unpadded
     sequence; GroupQueryAttention appends several positions to a past for batch 1 only), and also runs the way
     the runtime drives it: prefill, a decode step and a chunk appended in place to buffers bound as both past
     and present."""
@@ -208,7 +208,8 @@ def validate_graphs(
             # GroupQueryAttention appends several positions to a past for one sequence only.
             case, sizes = case.replace(", B=2 with padding", ""), {**sizes, "batch": 1}
         inputs = _case_inputs(spec, dims, sizes, seed, padding)
-        got = sessions[graph].run([t.name for t in spec.outputs], {k: v.numpy() for k, v in inputs.items()})
+        feed = {k: v.numpy() for k, v in inputs.items()}
+        got = sessions[graph].run([t.name for t in spec.outputs], feed)
         want = _torch_reference(reference, dims, graph, inputs)
         for tensor, g, w in zip(spec.outputs, got, want, strict=True):
             expected_shape = _resolve(tensor.shape, sizes)
@@ -220,12 +221,42 @@ def validate_graphs(
             result = replace(result, min_top_k=None)
             log(result.line())
             comparisons.append(result)
-    if decoder == "fused" and "decoder" in graphs:
+    if decoder != "plain" and "decoder" in graphs:
         for result in _shared_buffer_case(sessions["decoder"], specs["decoder"], reference, dims, dtype, quant):
             log(result.line())
             comparisons.append(result)
     raise_on_failure(comparisons)
     return comparisons
+
+
+def _bound_run(
+    decoder: ort.InferenceSession, spec: GraphSpec, buffers: list, embeds: np.ndarray, position: int
+) -> np.ndarray:
+    """One decoder run with every past input and its present output bound to the same buffer (`buffers`, per
+    layer key then value), `embeds` `[1, S, D]` appended at `position`; returns the logits."""
+    end = position + embeds.shape[1]
+    binding = decoder.io_binding()
+    binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+    binding.bind_cpu_input("attention_mask", np.ones((1, end), np.int64))
+    binding.bind_cpu_input("position_ids", np.arange(position, end, dtype=np.int64)[None])
+    binding.bind_output(spec.outputs[0].name)
+    for past, present, buffer in zip(spec.inputs[3:], spec.outputs[1:], buffers, strict=True):
+        binding.bind_ortvalue_input(past.name, buffer)
+        binding.bind_ortvalue_output(present.name, buffer)
+    decoder.run_with_iobinding(binding)
+    return binding.get_outputs()[0].numpy()
+
+
+def _owned_value(array: np.ndarray) -> ort.OrtValue:
+    """An OrtValue holding its own copy of `array` (one made from a numpy array only points at it)."""
+    value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype)
+    value.update_inplace(np.ascontiguousarray(array))
+    return value
+
+
+def _zeroed_buffers(spec: GraphSpec, dims: Dims, capacity: int, float_type: type) -> list:
+    shape = (1, dims.num_kv_heads, capacity, dims.head_dim)
+    return [_owned_value(np.zeros(shape, float_type)) for _ in spec.inputs[3:]]
 
 
 # Runs of the shared-buffer case: prefill, one decode step, then a chunk, into buffers of SHARED_CAPACITY.
@@ -247,21 +278,11 @@ def _shared_buffer_case(
     float_type = np.float16 if dtype == "fp16" else np.float32
     total = sum(SHARED_RUNS)
     embeds = torch.randn(1, total, dims.hidden_size, generator=torch.Generator().manual_seed(7))
-    shape = (1, dims.num_kv_heads, SHARED_CAPACITY, dims.head_dim)
-    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, float_type)) for _ in spec.inputs[3:]]
+    buffers = _zeroed_buffers(spec, dims, SHARED_CAPACITY, float_type)
     comparisons, position = [], 0
     for length in SHARED_RUNS:
         end = position + length
-        binding = decoder.io_binding()
-        binding.bind_cpu_input("inputs_embeds", embeds[:, position:end].numpy().astype(float_type))
-        binding.bind_cpu_input("attention_mask", np.ones((1, end), np.int64))
-        binding.bind_cpu_input("position_ids", np.arange(position, end, dtype=np.int64)[None])
-        binding.bind_output(spec.outputs[0].name)
-        for past, present, buffer in zip(spec.inputs[3:], spec.outputs[1:], buffers, strict=True):
-            binding.bind_ortvalue_input(past.name, buffer)
-            binding.bind_ortvalue_output(present.name, buffer)
-        decoder.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
+        logits = _bound_run(decoder, spec, buffers, embeds[:, position:end].numpy().astype(float_type), position)
         full = {
             "inputs_embeds": embeds[:, :end],
             "attention_mask": torch.ones(1, end, dtype=torch.int64),
@@ -293,6 +314,7 @@ def validate_reference(
     image_token_id: int,
     log: Callable[[str], None] = print,
     quant: str | None = None,
+    decoder: str = "plain",
 ) -> list[Comparison]:
     """Run each reference case through the exported graphs the way the runtime does (embed, splice image
     features, prefill, one token per step) and compare with transformers' tensors.
@@ -306,7 +328,9 @@ def validate_reference(
     comparisons: list[Comparison] = []
     for case in document["cases"]:
         tensors = load_file(str(reference_dir / case["tensors"]))
-        results = _run_case(sessions, specs, dims, dtype, image_token_id, tensors, case["greedy_tokens"])
+        results = _run_case(
+            sessions, specs, dims, dtype, image_token_id, tensors, case["greedy_tokens"], shared=decoder != "plain"
+        )
         for output, (got, want) in results.items():
             label = f"reference {case['name']} {output}"
             logits = output == "step_logits"
@@ -328,9 +352,10 @@ def _run_case(
     tensors: dict[str, np.ndarray],
     tokens: list[int],
     free_running: bool = False,
+    shared: bool = False,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(got, want) per compared tensor for one case; `free_running` feeds back each step's own argmax instead
-    of `tokens` (then only its length counts)."""
+    of `tokens` (then only its length counts); `shared` runs the decoder in shared KV buffers (fused decoders)."""
     float_type = np.float16 if dtype == "fp16" else np.float32
     input_ids = tensors["input_ids"]
     embeds = sessions["embed"].run(None, {"input_ids": input_ids})[0]
@@ -339,18 +364,24 @@ def _run_case(
         features = sessions["vision"].run(None, {"pixel_values": tensors["pixel_values"].astype(float_type)})[0]
         results["image_features"] = (features, tensors["image_features"])
         embeds[input_ids == image_token_id] = features.reshape(-1, dims.hidden_size)
-    past_inputs = [t.name for t in specs["decoder"].inputs[3:]]
+    spec = specs["decoder"]
+    past_inputs = [t.name for t in spec.inputs[3:]]
     past = [np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), float_type) for _ in past_inputs]
+    # Fused decoders run as the runtime runs them: appending in place to buffers sized to the request.
+    buffers = _zeroed_buffers(spec, dims, input_ids.shape[1] + len(tokens), float_type) if shared else None
     step_logits, position = [], 0
     for step in range(len(tokens)):
         length = embeds.shape[1]
-        feed = {
-            "inputs_embeds": embeds,
-            "attention_mask": np.ones((1, position + length), np.int64),
-            "position_ids": np.arange(position, position + length, dtype=np.int64)[None],
-            **dict(zip(past_inputs, past, strict=True)),
-        }
-        logits, *past = sessions["decoder"].run(None, feed)
+        if buffers is not None:
+            logits = _bound_run(sessions["decoder"], spec, buffers, embeds, position)
+        else:
+            feed = {
+                "inputs_embeds": embeds,
+                "attention_mask": np.ones((1, position + length), np.int64),
+                "position_ids": np.arange(position, position + length, dtype=np.int64)[None],
+                **dict(zip(past_inputs, past, strict=True)),
+            }
+            logits, *past = sessions["decoder"].run(None, feed)
         step_logits.append(logits[0, -1])
         position += length
         if step + 1 < len(tokens):
@@ -373,6 +404,7 @@ def greedy_agreement(
     model: LlavaForConditionalGeneration,
     log: Callable[[str], None] = print,
     tokens: int = GREEDY_TOKENS,
+    decoder: str = "plain",
 ) -> tuple[int, int, int]:
     """Free-running greedy decoding of `tokens` tokens from the first reference case's prompt, by the exported
     graphs and by the fp32 model: (equal positions, tokens before the first difference, tokens). Reported for
@@ -397,7 +429,9 @@ def greedy_agreement(
         sequences = model.generate(**inputs, generation_config=config).sequences
     want = sequences[0, inputs["input_ids"].shape[1] :].tolist()
     sessions = {name: session(path) for name, path in files.items()}
-    got_logits, _ = _run_case(sessions, specs, dims, dtype, image_token_id, tensors, [0] * tokens, True)["step_logits"]
+    shared = decoder != "plain"
+    run = _run_case(sessions, specs, dims, dtype, image_token_id, tensors, [0] * tokens, True, shared)
+    got_logits, _ = run["step_logits"]
     got = got_logits.argmax(-1).tolist()
     equal = sum(a == b for a, b in zip(got, want, strict=True))
     prefix = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), tokens)
