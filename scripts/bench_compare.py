@@ -7,8 +7,8 @@
   generator; it gets only the decoder, so its prompts are text-only of the same length).
 
 With `--int4` (and `--int4-model`, an int4 export of the same checkpoint: `llama3v-export --quant int4`), also
-llama3v on that export and onnxruntime-genai's int4 graph (both block 32, symmetric, accuracy level 4), with the
-ratio llama3v-int4 / genai-int4.
+llama3v on that export and onnxruntime-genai's int4 graph (the export's block size, symmetric, accuracy level 4),
+with the ratio llama3v-int4 / genai-int4.
 
 Also measures the machine's memory bandwidth (a large copy) and reports decode against the bandwidth
 floor (decoder weight bytes read per token), and the same floor at the rate a one-row MatMul streams its weight
@@ -286,9 +286,10 @@ def extract_llama(checkpoint: Path, out: Path) -> None:
             (out / name).write_bytes((checkpoint / name).read_bytes())
 
 
-def genai_model(args, precision: str) -> Path:
-    """Builds (once) onnxruntime-genai's graph of the checkpoint's Llama weights."""
-    out = args.work / f"genai-{precision}"
+def genai_model(args, precision: str, block_size: int | None = None) -> Path:
+    """Builds (once) onnxruntime-genai's graph of the checkpoint's Llama weights; int4 with `block_size` (genai's
+    default, 32, when None)."""
+    out = args.work / (f"genai-{precision}" if block_size is None else f"genai-{precision}-block{block_size}")
     if (out / "genai_config.json").exists():
         return out
     llama = args.work / "llama"
@@ -312,6 +313,8 @@ def genai_model(args, precision: str) -> Path:
         "-c",
         str(args.work / "cache"),
     ]
+    if block_size is not None:
+        cmd += ["--extra_options", f"block_size={block_size}"]
     log("onnxruntime-genai builder: " + " ".join(cmd))
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return out
@@ -489,10 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.int4_model and not args.int4:
         p.error("--int4-model needs --int4")
+    int4_block = None
     if args.int4_model:
         quant = json.loads((args.int4_model / "manifest.json").read_text()).get("quantization") or {}
         if quant.get("method") != "int4":
             p.error(f"{args.int4_model} is not an int4 export (manifest quantization: {quant or None})")
+        # genai quantizes with the same block size, so both engines run the same weights' layout.
+        int4_block = quant.get("block_size")
     args.work.mkdir(parents=True, exist_ok=True)
 
     manifest = json.loads((args.model / "manifest.json").read_text())
@@ -507,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if "genai" not in args.skip:
         peers["genai-fp32"] = genai_model(args, "fp32")
         if args.int4:
-            peers["genai-int4"] = genai_model(args, "int4")
+            peers["genai-int4"] = genai_model(args, "int4", int4_block if int4_block != 32 else None)
 
     rounds = []
     for round_ in range(args.rounds):
