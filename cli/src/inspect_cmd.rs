@@ -49,6 +49,7 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
             "quantization": m.quantization,
             "graphs": graphs,
             "decode_step": model.sessions.decoder_mode().name(),
+            "decoder_flavour": m.decoder_flavour.name(),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);

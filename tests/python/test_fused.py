@@ -73,6 +73,8 @@ def test_check_passes_in_every_decode_mode(fused, preset):
     assert inspected.returncode == 0, inspected.stderr
     assert "decoder    fused flavour" in inspected.stdout
     assert "decode     shared_buffer" in inspected.stdout
+    inspected = json.loads(llama3v("inspect", "--model", model_dir, "--json").stdout)
+    assert (inspected["decoder_flavour"], inspected["decode_step"]) == ("fused", "shared_buffer")
     # Shared buffers (the default), plain runs (a new present each run), and a prefill in chunks of 5 appended
     # in place.
     for options in ([], ["--ep-option", "decode.io_binding=false"], ["--ep-option", "limits.prefill_chunk=5"]):
