@@ -107,29 +107,11 @@ def export_model(
         result.reference = write_reference(checkpoint, model, out / "reference", step)
         if validate:
             step("running the reference cases through the exported graphs")
-            result.comparisons += validate_reference(
-                out / "reference",
-                graph_files,
-                specs,
-                dims,
-                dtype,
-                checkpoint.image_token_id,
-                step,
-                quant=quant,
-                decoder=decoder,
-            )
+            # What both runs through the reference cases take: the cases, the graphs, and how to read them.
+            cases = (out / "reference", graph_files, specs, dims, dtype, checkpoint.image_token_id)
+            result.comparisons += validate_reference(*cases, step, quant=quant, decoder=decoder)
             if dtype != "fp32" or quant is not None:
-                result.greedy = greedy_agreement(
-                    out / "reference",
-                    graph_files,
-                    specs,
-                    dims,
-                    dtype,
-                    checkpoint.image_token_id,
-                    model,
-                    step,
-                    decoder=decoder,
-                )
+                result.greedy = greedy_agreement(*cases, model, step, decoder=decoder)
     quantization = quantization_entry(block_size) if quant is not None else None
     result.manifest = build_manifest(checkpoint, dims, specs, files, dtype, opset, quantization, decoder)
     write_model_files(out, checkpoint, result.manifest)
