@@ -126,10 +126,8 @@ impl KvCache {
             let mut new = DynTensor::new(&Allocator::default(), ort_type(dtype), new_shape)?;
             let valid = self.len * width;
             match dtype {
-                TensorDtype::Float16 => {
-                    copy_heads::<f16>(old, &mut new, heads, capacity, grown, valid)?
-                }
-                _ => copy_heads::<f32>(old, &mut new, heads, capacity, grown, valid)?,
+                TensorDtype::Float16 => copy_heads::<f16>(old, &mut new, heads, valid)?,
+                _ => copy_heads::<f32>(old, &mut new, heads, valid)?,
             }
             entries.push(new.into_dyn());
         }
@@ -184,19 +182,16 @@ impl KvCache {
     }
 }
 
-/// Copies the first `valid` values of each head's rows from a buffer of `from` positions to one of `to`.
+/// Copies the first `valid` values of each head's rows into a buffer with room for more positions.
 fn copy_heads<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug>(
     old: &DynValue,
     new: &mut DynTensor,
     heads: usize,
-    from: usize,
-    to: usize,
     valid: usize,
 ) -> Result<()> {
     let (_, src) = old.try_extract_tensor::<T>()?;
     let (_, dst) = new.try_extract_tensor_mut::<T>()?;
     let (src_head, dst_head) = (src.len() / heads.max(1), dst.len() / heads.max(1));
-    debug_assert!(src_head * to == dst_head * from);
     for head in 0..heads {
         dst[head * dst_head..head * dst_head + valid]
             .copy_from_slice(&src[head * src_head..head * src_head + valid]);

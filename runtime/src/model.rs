@@ -8,6 +8,7 @@ use image::RgbImage;
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::decoder::{decoder_step, StepMode};
 use crate::embed::embed_tokens;
+use crate::ep_config::DecodeOptions;
 use crate::error::{Error, Result};
 use crate::graph::{Device, Graph, SessionOptions};
 use crate::kv_cache::KvCache;
@@ -253,10 +254,13 @@ impl Sessions {
 /// `decode.io_binding=false` asks for plain runs (the fused graph also returns a new present when
 /// given a past of exactly its length); a plain decoder runs bound on a GPU, or as asked.
 fn step_mode(flavour: DecoderFlavour, io_binding: Option<bool>, device: Device) -> StepMode {
-    match (flavour, io_binding.unwrap_or(device != Device::Cpu)) {
-        (DecoderFlavour::Fused, _) if io_binding != Some(false) => StepMode::Shared,
-        (_, true) => StepMode::Bound,
-        (_, false) => StepMode::Plain,
+    if flavour == DecoderFlavour::Fused && io_binding != Some(false) {
+        return StepMode::Shared;
+    }
+    if (DecodeOptions { io_binding }).io_binding_on(device != Device::Cpu) {
+        StepMode::Bound
+    } else {
+        StepMode::Plain
     }
 }
 
