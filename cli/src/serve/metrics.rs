@@ -62,7 +62,12 @@ pub struct Metrics {
 pub struct Gauges {
     pub running: usize,
     pub queued: usize,
+    /// `--max-concurrent` and `--max-queue`: the capacity `running` and `queued` are measured against.
+    pub max_running: usize,
+    pub max_queued: usize,
     pub ready: bool,
+    /// Set from SIGTERM until exit.
+    pub draining: bool,
 }
 
 impl Metrics {
@@ -178,10 +183,32 @@ impl Metrics {
         );
         single(
             &mut out,
+            "llama3v_max_concurrent",
+            "gauge",
+            "Generations that may run at once (--max-concurrent): the capacity llama3v_requests_running \
+             is measured against; an autoscaler's target per replica.",
+            gauges.max_running,
+        );
+        single(
+            &mut out,
+            "llama3v_max_queue",
+            "gauge",
+            "Requests that may wait (--max-queue); beyond running plus these, requests get 429.",
+            gauges.max_queued,
+        );
+        single(
+            &mut out,
             "llama3v_ready",
             "gauge",
             "1 once the model is loaded.",
             u8::from(gauges.ready),
+        );
+        single(
+            &mut out,
+            "llama3v_draining",
+            "gauge",
+            "1 after SIGTERM/SIGINT while in-flight requests finish (new ones get 503).",
+            u8::from(gauges.draining),
         );
         out
     }

@@ -3,11 +3,14 @@
 //! The socket is bound first and the model loads in the background (`/health` answers 503 until it is
 //! ready). Requests share one `Arc<Model>`; each generation runs on a blocking thread and streams its
 //! text through a channel. At most `--max-concurrent` generations run at once, `--max-queue` more wait,
-//! and beyond that requests get 429. SIGTERM/SIGINT stop accepting connections, let in-flight requests
-//! finish within `--shutdown-grace-secs`, cancel what is left at its next step and exit 0.
+//! and beyond that requests get 429. SIGTERM/SIGINT turn `/health` to 503 and answer new requests 503
+//! with `Retry-After` (`drain`), let in-flight requests finish within `--shutdown-grace-secs`, cancel
+//! what is left at its next step and exit 0.
 
 mod api;
+mod auth;
 mod chat;
+mod drain;
 mod errors;
 mod images;
 mod metrics;
@@ -25,7 +28,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{middleware, Json, Router};
 use clap::Args;
 use llama3v::preprocess::DecodeLimits;
 use llama3v::Model;
@@ -34,6 +37,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::model_args::ModelArgs;
+use auth::{ApiKeys, SecretKey};
 use errors::ApiError;
 use images::ImagePolicy;
 use metrics::{Gauges, Metrics};
@@ -75,6 +79,18 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_grace_secs: f64,
+    /// Key clients must send as `Authorization: Bearer KEY` on /v1/* (/health and /metrics stay open);
+    /// prefer the environment variable or --api-key-file, which don't show in the process list
+    #[arg(
+        long,
+        env = "LLAMA3V_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<SecretKey>,
+    /// File of accepted API keys, one a line (blank lines and # comments skipped); with --api-key, both count
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
 }
 
 /// Limits a request is checked against before it is admitted.
@@ -172,6 +188,8 @@ pub struct AppState {
     pub cancel_all: AtomicBool,
     /// Set on SIGTERM/SIGINT: no new generations start.
     pub shutting_down: AtomicBool,
+    /// Keys /v1/* requests must carry; `None`: open.
+    api_keys: Option<Arc<ApiKeys>>,
     next_id: AtomicU64,
 }
 
@@ -222,6 +240,7 @@ fn app_state(args: &ServeArgs) -> Result<AppState> {
                 .with_context(|| format!("--allowed-image-dir {}", dir.display()))
         })
         .transpose()?;
+    let api_keys = ApiKeys::from_args(args.api_key.as_ref(), args.api_key_file.as_deref())?;
     let model_dir = args.model.model_dir();
     let model_name = args.served_model_name.clone().unwrap_or_else(|| {
         model_dir
@@ -250,24 +269,31 @@ fn app_state(args: &ServeArgs) -> Result<AppState> {
         metrics: Metrics::default(),
         cancel_all: AtomicBool::new(false),
         shutting_down: AtomicBool::new(false),
+        api_keys: api_keys.map(Arc::new),
         next_id: AtomicU64::new(0),
     })
 }
 
 fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.limits.max_body_bytes;
-    Router::new()
+    let api_keys = state.api_keys.clone();
+    let routes = Router::new()
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
+        .layer(middleware::map_response(drain::add_retry_after))
         .layer(DefaultBodyLimit::max(body_limit))
         // A panic in a handler becomes a 500 for that request; the server keeps serving.
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("internal error: the request handler panicked").into_response()
         }))
-        .with_state(state)
+        .with_state(state);
+    match api_keys {
+        Some(keys) => routes.layer(middleware::from_fn_with_state(keys, auth::require_key)),
+        None => routes,
+    }
 }
 
 async fn serve(args: &ServeArgs) -> Result<ExitCode> {
@@ -281,16 +307,19 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode> {
         "llama3v serve: listening on http://{addr} (loading {})",
         model_dir.display()
     );
+    if let Some(keys) = &state.api_keys {
+        eprintln!(
+            "llama3v serve: /v1/* requires an API key ({} accepted)",
+            keys.len()
+        );
+    }
 
     let (stop_tx, stop_rx) = watch::channel(None::<StopReason>);
     spawn_model_loader(&state, args.model.clone(), stop_tx.clone());
     spawn_signal_listener(stop_tx);
 
-    let mut wait_stop = stop_rx.clone();
-    let server =
-        axum::serve(listener, router(Arc::clone(&state))).with_graceful_shutdown(async move {
-            let _ = wait_stop.wait_for(Option::is_some).await;
-        });
+    let server = axum::serve(listener, router(Arc::clone(&state)))
+        .with_graceful_shutdown(drain::until_drained(stop_rx.clone(), Arc::clone(&state)));
     let server = server.into_future();
     tokio::pin!(server);
 
@@ -428,7 +457,10 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     let body = state.metrics.render(&Gauges {
         running,
         queued,
+        max_running: state.scheduler.max_running,
+        max_queued: state.scheduler.max_queued,
         ready: state.model.get().is_some(),
+        draining: state.shutting_down.load(Ordering::SeqCst),
     });
     (
         [(
