@@ -168,7 +168,8 @@ fn file_bytes(dir: &Path, name: &str) -> Result<u64> {
         .len())
 }
 
-struct Synthetic {
+/// Random prompts and images for a model.
+pub(crate) struct Synthetic {
     rng: ChaCha8Rng,
     /// Token ids drawn from `0..vocab`, never the image token.
     vocab: u32,
@@ -176,7 +177,21 @@ struct Synthetic {
 }
 
 impl Synthetic {
-    fn ids(&mut self, n: usize) -> Vec<u32> {
+    pub(crate) fn new(model: &Model, seed: u64) -> Synthetic {
+        // The tokenizer's ids are the ones a real prompt uses; the model's vocabulary may be larger.
+        let vocab = model
+            .tokenizer
+            .vocab_size()
+            .min(model.manifest.model.vocab_size)
+            .max(2);
+        Synthetic {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            vocab: vocab as u32,
+            image_token: model.manifest.image.image_token_id,
+        }
+    }
+
+    pub(crate) fn ids(&mut self, n: usize) -> Vec<u32> {
         (0..n)
             .map(|_| loop {
                 let id = self.rng.random_range(0..self.vocab);
@@ -187,7 +202,7 @@ impl Synthetic {
             .collect()
     }
 
-    fn image(&mut self, width: u32, height: u32) -> RgbImage {
+    pub(crate) fn image(&mut self, width: u32, height: u32) -> RgbImage {
         RgbImage::from_fn(width, height, |_, _| {
             Rgb([self.rng.random(), self.rng.random(), self.rng.random()])
         })
@@ -216,17 +231,7 @@ impl Model {
             });
         }
         let repeats = config.repeats.max(1);
-        // The tokenizer's ids are the ones a real prompt uses; the model's vocabulary may be larger.
-        let vocab = self
-            .tokenizer
-            .vocab_size()
-            .min(manifest.model.vocab_size)
-            .max(2);
-        let mut synth = Synthetic {
-            rng: ChaCha8Rng::seed_from_u64(config.seed),
-            vocab: vocab as u32,
-            image_token: image.image_token_id,
-        };
+        let mut synth = Synthetic::new(self, config.seed);
 
         let mut memory = vec![MemoryPoint::now("loaded".into())];
 
