@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// aggregate decode tokens/s, time to first token and inter-token latency percentiles
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     pub concurrency: Vec<usize>,
+    /// The engine's batch limit with --concurrency [default: the concurrency]; 1 decodes one request
+    /// at a time, for comparison
+    #[arg(long)]
+    pub max_batch: Option<usize>,
     /// Requests each client sends one after another (with --concurrency)
     #[arg(long, default_value_t = 3)]
     pub requests_per_client: usize,
@@ -108,16 +112,23 @@ fn run_concurrency(model: &llama3v::Model, args: &BenchArgs) -> Result<ExitCode>
     for &concurrency in &args.concurrency {
         let config = BatchBenchConfig {
             concurrency,
+            max_batch: args.max_batch,
             requests_per_client: args.requests_per_client,
             prompt_tokens: (args.prompt_tokens / 4, args.prompt_tokens),
             new_tokens: (args.new_tokens / 2, args.new_tokens * 3 / 2),
             stagger: 2,
             seed: args.seed,
         };
-        eprintln!("concurrency {concurrency}: {} requests", concurrency * args.requests_per_client);
-        let report = model
-            .bench_batch(&config)
-            .with_context(|| format!("benchmarking {} at concurrency {concurrency}", model.dir.display()))?;
+        eprintln!(
+            "concurrency {concurrency}: {} requests",
+            concurrency * args.requests_per_client
+        );
+        let report = model.bench_batch(&config).with_context(|| {
+            format!(
+                "benchmarking {} at concurrency {concurrency}",
+                model.dir.display()
+            )
+        })?;
         if !args.json {
             println!(
                 "concurrency {:>3}: {:>8.1} tokens/s aggregate ({} tokens, {} requests, {:.2} s), \

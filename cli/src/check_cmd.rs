@@ -116,7 +116,14 @@ fn check_batch(model: &Model, max_batch: usize, tokens: usize, json: bool) -> Re
         );
     }
     let pass = report.pass();
-    println!("{}", if pass { "batch check passed" } else { "batch check FAILED" });
+    println!(
+        "{}",
+        if pass {
+            "batch check passed"
+        } else {
+            "batch check FAILED"
+        }
+    );
     Ok(exit(pass))
 }
 

@@ -22,8 +22,10 @@ use crate::sequence::Sink;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchBenchConfig {
-    /// Clients sending requests at the same time; also the engine's `max_batch`.
+    /// Clients sending requests at the same time.
     pub concurrency: usize,
+    /// The engine's `max_batch`; `None`: the concurrency.
+    pub max_batch: Option<usize>,
     /// Requests per client.
     pub requests_per_client: usize,
     /// Text tokens per prompt: uniform in this range.
@@ -67,7 +69,10 @@ impl Sink for Done {
 
     fn finish(self, result: Result<Generation>) {
         if let Ok(generation) = result {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(generation);
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(generation);
         }
     }
 }
@@ -98,26 +103,33 @@ impl Model {
         let mut jobs = Vec::with_capacity(total);
         for i in 0..total {
             let with_image = i % 3 == 0;
-            let text = rng.random_range(config.prompt_tokens.0..=config.prompt_tokens.1.max(config.prompt_tokens.0));
+            let text = rng.random_range(
+                config.prompt_tokens.0..=config.prompt_tokens.1.max(config.prompt_tokens.0),
+            );
             let mut prompt = vec![manifest.text.bos_token_id];
             let mut pixel_values = Vec::new();
             if with_image {
-                prompt.extend(std::iter::repeat_n(image.image_token_id, image.tokens_per_image));
+                prompt.extend(std::iter::repeat_n(
+                    image.image_token_id,
+                    image.tokens_per_image,
+                ));
                 pixel_values = self.pixel_values(&[synth.image(image.width, image.height)]);
             }
             prompt.extend(synth.ids(text));
-            let new = rng.random_range(config.new_tokens.0..=config.new_tokens.1.max(config.new_tokens.0));
+            let new = rng
+                .random_range(config.new_tokens.0..=config.new_tokens.1.max(config.new_tokens.0));
             let room = self.max_context().saturating_sub(prompt.len());
             jobs.push((prompt, pixel_values, usize::from(with_image), new.min(room)));
         }
         let widest = jobs.iter().map(|j| j.0.len() + j.3).max().unwrap_or(1);
         let done = Done::default();
         let steps = Arc::new(Mutex::new((0_usize, 0_usize, Vec::<Duration>::new())));
+        let max_batch = config.max_batch.unwrap_or(clients).max(1);
         let mut engine = Engine::new(
             self,
             EngineConfig {
-                max_batch: clients,
-                kv_budget: widest * clients,
+                max_batch,
+                kv_budget: widest * max_batch,
             },
         );
         let seen = Arc::clone(&steps);
@@ -167,7 +179,8 @@ impl Model {
         let generations = std::mem::take(&mut *done.0.lock().unwrap_or_else(|p| p.into_inner()));
         let generated_tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
         let mut ttft: Vec<f64> = generations.iter().map(|g| g.timings.ttft_ms).collect();
-        let (decode_steps, rows, mut gaps) = std::mem::take(&mut *steps.lock().unwrap_or_else(|p| p.into_inner()));
+        let (decode_steps, rows, mut gaps) =
+            std::mem::take(&mut *steps.lock().unwrap_or_else(|p| p.into_inner()));
         let mut itl: Vec<f64> = gaps.drain(..).map(|d| d.as_secs_f64() * 1e3).collect();
         Ok(BatchBenchReport {
             config: config.clone(),

@@ -45,9 +45,10 @@ pub struct BatchCheckReport {
 impl BatchCheckReport {
     pub fn pass(&self) -> bool {
         !self.rows.is_empty()
-            && self.rows.iter().all(|row| {
-                row.logits.pass && (row.tokens_equal || !self.require_token_agreement)
-            })
+            && self
+                .rows
+                .iter()
+                .all(|row| row.logits.pass && (row.tokens_equal || !self.require_token_agreement))
     }
 }
 
@@ -61,7 +62,11 @@ impl Sink for Record {
     }
 
     fn on_logits(&mut self, logits: &[f32]) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).0.push(logits.to_vec());
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .push(logits.to_vec());
     }
 
     fn finish(self, result: Result<Generation>) {
@@ -113,7 +118,8 @@ impl Model {
                     .map(|name| load_image(&reference.join(name), &DecodeLimits::default()))
                     .collect::<Result<Vec<_>>>()?;
                 let prompt = self.prompt_ids(&case.messages(), images.len())?;
-                let max_new_tokens = (*budget).min(self.max_context() - prompt.len().min(self.max_context()));
+                let max_new_tokens =
+                    (*budget).min(self.max_context() - prompt.len().min(self.max_context()));
                 admit(self, prompt.len(), images.len(), max_new_tokens)?;
                 plan.push(Planned {
                     name: format!("{}#{round}", case.name),
@@ -139,7 +145,11 @@ impl Model {
             .collect();
 
         let batched: Vec<Record> = plan.iter().map(|_| Record::default()).collect();
-        let budget = plan.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap_or(0);
+        let budget = plan
+            .iter()
+            .map(|r| r.prompt.len() + r.max_new_tokens)
+            .max()
+            .unwrap_or(0);
         let config = EngineConfig {
             max_batch,
             kv_budget: budget * max_batch,
@@ -147,7 +157,11 @@ impl Model {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let mut engine = Engine::new(self, config);
         let seen = Arc::clone(&sizes);
-        engine.on_step(move |report| seen.lock().unwrap_or_else(|p| p.into_inner()).push(report.rows));
+        engine.on_step(move |report| {
+            seen.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(report.rows)
+        });
         let mut iteration = 0;
         let mut next = 0;
         while next < plan.len() || !engine.is_idle() {

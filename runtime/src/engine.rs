@@ -303,7 +303,10 @@ impl<'m, S: Sink> Engine<'m, S> {
                     sequence,
                     embeds,
                     done: 0,
-                    prefill: Prefill::new(&self.model.manifest.model, self.model.manifest.float_dtype()),
+                    prefill: Prefill::new(
+                        &self.model.manifest.model,
+                        self.model.manifest.float_dtype(),
+                    ),
                     reserve,
                     started,
                 })
@@ -378,8 +381,10 @@ impl<'m, S: Sink> Engine<'m, S> {
             .map(|s| s.last_token().unwrap_or_default())
             .collect();
         let sessions = &self.model.sessions;
-        let run = embed_tokens(&sessions.embed, &tokens)
-            .and_then(|embeds| self.batch.step(&sessions.decoder, &embeds, &mut self.logits));
+        let run = embed_tokens(&sessions.embed, &tokens).and_then(|embeds| {
+            self.batch
+                .step(&sessions.decoder, &embeds, &mut self.logits)
+        });
         if let Err(err) = run {
             // The batch's cache is as it was before the run, but its sequences cannot go on.
             for row in (0..self.running.len()).rev() {

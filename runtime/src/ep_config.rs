@@ -720,7 +720,10 @@ mod tests {
     fn removed_io_binding_option_is_refused() {
         // Both cache layouts always keep the cache in the decoder's memory: there is no choice left.
         let e = err(EpOptions::default().apply_arg("decode.io_binding=true"));
-        assert!(e.contains("decode.io_binding") && e.contains("a known key"), "{e}");
+        assert!(
+            e.contains("decode.io_binding") && e.contains("a known key"),
+            "{e}"
+        );
     }
 
     #[test]

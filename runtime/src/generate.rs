@@ -106,7 +106,12 @@ impl Model {
     ) -> Result<Generation> {
         let submitted = Instant::now();
         let prompt = self.prompt_ids(request.messages, request.images.len())?;
-        admit(self, prompt.len(), request.images.len(), request.max_new_tokens)?;
+        admit(
+            self,
+            prompt.len(),
+            request.images.len(),
+            request.max_new_tokens,
+        )?;
         let t = Instant::now();
         let pixel_values = self.pixel_values(request.images);
         let timings = Timings {
@@ -135,4 +140,3 @@ impl Model {
         result.unwrap_or_else(|| Err(Error::Ort("the engine ended without a result".into())))
     }
 }
-

@@ -84,7 +84,11 @@ impl Model {
         )?;
         let graphs = &manifest.graphs;
         let session = options.session.for_model(&manifest.model)?;
-        let limits = options.session.ep.limits.resolve(manifest.model.max_context)?;
+        let limits = options
+            .session
+            .ep
+            .limits
+            .resolve(manifest.model.max_context)?;
         let sessions = Sessions {
             vision: Graph::open(dir, "vision", &graphs.vision, &session)?,
             embed: Graph::open(dir, "embed", &graphs.embed, &session)?,
@@ -215,7 +219,12 @@ impl Sessions {
     }
 
     /// Feeds one token after the cached positions; leaves its logits in `logits`.
-    pub fn step(&self, token: u32, cache: &mut SingleSequence, logits: &mut Vec<f32>) -> Result<()> {
+    pub fn step(
+        &self,
+        token: u32,
+        cache: &mut SingleSequence,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         let embeds = embed_tokens(&self.embed, &[token])?;
         cache.batch.step(&self.decoder, &embeds, logits)
     }

@@ -43,7 +43,9 @@ pub fn resolve_sampling(
         top_k: request
             .top_k
             .or(samples.then(|| defaults.top_k.unwrap_or(DEFAULT_TOP_K))),
-        top_p: request.top_p.or(if samples { defaults.top_p } else { None }),
+        top_p: request
+            .top_p
+            .or(if samples { defaults.top_p } else { None }),
         repetition_penalty: request
             .repetition_penalty
             .or(defaults.repetition_penalty)

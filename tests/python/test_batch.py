@@ -22,7 +22,9 @@ DEFAULT_MODEL = REPO / "models" / "default"
 
 
 def batch_check(model_dir: Path, max_batch: int, tokens: int = 24) -> dict:
-    done = llama3v("check", "--model", str(model_dir), "--batch", str(max_batch), "--batch-tokens", str(tokens), "--json")
+    done = llama3v(
+        "check", "--model", str(model_dir), "--batch", str(max_batch), "--batch-tokens", str(tokens), "--json"
+    )
     report = json.loads(done.stdout) if done.stdout.strip() else {}
     for row in report.get("rows", []):
         m = row["logits"]
@@ -44,7 +46,9 @@ def test_plain_decoder_batches_like_alone(tiny_models, preset):
 @pytest.fixture(scope="module")
 def fused_model(exports, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("batch-fused") / "tiny-c"
-    return export_model(exports.checkpoint("tiny-c"), out, reference=True, decoder="fused", log=lambda _: None).model_dir
+    return export_model(
+        exports.checkpoint("tiny-c"), out, reference=True, decoder="fused", log=lambda _: None
+    ).model_dir
 
 
 def test_fused_decoder_batches_like_alone(fused_model):

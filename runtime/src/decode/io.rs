@@ -87,9 +87,12 @@ impl StepIo {
         let mask = Tensor::from_array(([rows as i64, width], mask.to_vec()))?;
         let spec = &graph.spec;
         // ort's binding calls take names as owned strings: each bind costs one small allocation.
-        self.binding.bind_input(spec.inputs[0].name.as_str(), &*value)?;
-        self.binding.bind_input(spec.inputs[1].name.as_str(), &mask)?;
-        self.binding.bind_input(spec.inputs[2].name.as_str(), &*ids)?;
+        self.binding
+            .bind_input(spec.inputs[0].name.as_str(), &*value)?;
+        self.binding
+            .bind_input(spec.inputs[1].name.as_str(), &mask)?;
+        self.binding
+            .bind_input(spec.inputs[2].name.as_str(), &*ids)?;
         // Rebinding the logits to host memory drops the binding's hold on the last run's logits.
         self.binding
             .bind_output_to_device(spec.outputs[0].name.as_str(), &self.host_memory)?;
@@ -112,7 +115,12 @@ fn reusable<'a>(
 }
 
 /// Reads a `[rows, 1, vocab]` logits output into `out` (rows x vocab, row-major).
-pub(crate) fn read_logits(graph: &Graph, value: &DynValue, rows: usize, out: &mut Vec<f32>) -> Result<()> {
+pub(crate) fn read_logits(
+    graph: &Graph,
+    value: &DynValue,
+    rows: usize,
+    out: &mut Vec<f32>,
+) -> Result<()> {
     let shape = read_floats(value, out)?;
     match shape.as_slice() {
         [r, 1, v] if *r as usize == rows && *v > 0 => Ok(()),

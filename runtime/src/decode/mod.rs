@@ -235,10 +235,26 @@ mod tests {
         let data: Vec<f32> = (0..12)
             .map(|i| ((i / 6) * 100 + (i / 3 % 2) * 10 + i % 3) as f32)
             .collect();
-        let source = Tensor::from_array(([2_i64, 2, 3, 1], data)).unwrap().into_dyn();
+        let source = Tensor::from_array(([2_i64, 2, 3, 1], data))
+            .unwrap()
+            .into_dyn();
         let copies = [
-            RowCopy { source: 0, src_row: 1, src_start: 1, dst_row: 0, dst_start: 0, len: 2 },
-            RowCopy { source: 0, src_row: 0, src_start: 0, dst_row: 1, dst_start: 2, len: 2 },
+            RowCopy {
+                source: 0,
+                src_row: 1,
+                src_start: 1,
+                dst_row: 0,
+                dst_start: 0,
+                len: 2,
+            },
+            RowCopy {
+                source: 0,
+                src_row: 0,
+                src_start: 0,
+                dst_row: 1,
+                dst_start: 2,
+                len: 2,
+            },
         ];
         let out = repack(TensorDtype::Float32, &[&source], &copies, [2, 2, 4, 1]).unwrap();
         let (_, got) = out.try_extract_tensor::<f32>().unwrap();
@@ -251,7 +267,14 @@ mod tests {
         let err = repack(
             TensorDtype::Float32,
             &[&source],
-            &[RowCopy { source: 0, src_row: 0, src_start: 2, dst_row: 0, dst_start: 0, len: 2 }],
+            &[RowCopy {
+                source: 0,
+                src_row: 0,
+                src_start: 2,
+                dst_row: 0,
+                dst_start: 0,
+                len: 2,
+            }],
             [1, 2, 4, 1],
         )
         .unwrap_err();

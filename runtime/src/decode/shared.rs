@@ -117,7 +117,8 @@ impl SharedKv {
             let pairs = spec.inputs[3..].iter().zip(&spec.outputs[1..]);
             for ((past, present), buffer) in pairs.zip(self.buffers.iter_mut()) {
                 io.binding.bind_input(past.name.as_str(), &*buffer)?;
-                io.binding.bind_output(present.name.as_str(), &mut *buffer)?;
+                io.binding
+                    .bind_output(present.name.as_str(), &mut *buffer)?;
             }
             self.io = Some(io);
         }
