@@ -963,24 +963,26 @@ mod tests {
         let decoder = tensorrt_profile("decoder", &m.graphs.decoder, &limits)
             .unwrap()
             .unwrap();
-        let past = |i: usize, kv: &str, p: usize| format!("past_key_values.{i}.{kv}:1x4x{p}x16");
-        let expect = |s: usize, t: usize, p: usize| {
+        let past = |i: usize, kv: &str, b: usize, p: usize| {
+            format!("past_key_values.{i}.{kv}:{b}x4x{p}x16")
+        };
+        let expect = |b: usize, s: usize, t: usize, p: usize| {
             let mut parts = vec![
-                format!("inputs_embeds:1x{s}x64"),
-                format!("attention_mask:1x{t}"),
-                format!("position_ids:1x{s}"),
+                format!("inputs_embeds:{b}x{s}x64"),
+                format!("attention_mask:{b}x{t}"),
+                format!("position_ids:{b}x{s}"),
             ];
             for i in 0..2 {
-                parts.push(past(i, "key", p));
-                parts.push(past(i, "value", p));
+                parts.push(past(i, "key", b, p));
+                parts.push(past(i, "value", b, p));
             }
             parts.join(",")
         };
-        // Prefill of one token on an empty cache; a decode step at the tuned context; a full prompt
-        // with the longest past.
-        assert_eq!(decoder.min, expect(1, 1, 0));
-        assert_eq!(decoder.opt, expect(1, 256, 255));
-        assert_eq!(decoder.max, expect(512, 1024, 1023));
+        // Prefill of one token on an empty cache; a decode step of one sequence at the tuned context;
+        // a full batch, prompt and past.
+        assert_eq!(decoder.min, expect(1, 1, 1, 0));
+        assert_eq!(decoder.opt, expect(1, 1, 256, 255));
+        assert_eq!(decoder.max, expect(4, 512, 1024, 1023));
     }
 
     #[test]
