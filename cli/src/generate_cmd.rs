@@ -6,10 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use llama3v::chat_template::{ChatMessage, ContentPart};
 use llama3v::generate::Request;
 use llama3v::preprocess::{load_image, DecodeLimits};
-use llama3v::request::{resolve_sampling, SamplingRequest};
+use llama3v::request::{resolve_sampling, single_turn, SamplingRequest};
 use serde_json::json;
 
 use crate::model_args::ModelArgs;
@@ -71,19 +70,7 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
         &model.manifest.generation,
     )?;
 
-    let mut messages = Vec::new();
-    if let Some(system) = &args.system {
-        messages.push(ChatMessage {
-            role: "system".into(),
-            content: vec![ContentPart::Text(system.clone())],
-        });
-    }
-    let mut content: Vec<ContentPart> = images.iter().map(|_| ContentPart::Image).collect();
-    content.push(ContentPart::Text(args.prompt.clone()));
-    messages.push(ChatMessage {
-        role: "user".into(),
-        content,
-    });
+    let messages = single_turn(args.system.as_deref(), images.len(), &args.prompt);
     let request = Request {
         messages: &messages,
         images: &images,

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::manifest::resolve_inside;
 use crate::model::Model;
+use crate::sampling::argmax;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchConfig {
@@ -133,16 +134,6 @@ fn median(values: &mut [f64]) -> f64 {
     } else {
         values[mid]
     }
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        if *v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Peak resident set size of this process from /proc/self/status (`VmHWM`).
@@ -406,11 +397,6 @@ mod tests {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median(&mut []), 0.0);
-    }
-
-    #[test]
-    fn argmax_takes_the_first_of_equal_maxima() {
-        assert_eq!(argmax(&[0.0, 2.0, 1.0, 2.0]), 1);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Request policy, once for every entry point (`generate`, `serve`, `bench`): sampling defaults and the
 //! admission checks a request passes before any graph runs.
 
+use crate::chat_template::{ChatMessage, ContentPart};
 use crate::error::{Error, Result};
 use crate::manifest::GenerationDefaults;
 use crate::model::Model;
@@ -11,6 +12,22 @@ use crate::sampling::SamplingParams;
 const DEFAULT_TEMPERATURE: f32 = 1.0;
 const DEFAULT_TOP_K: usize = 50;
 const DEFAULT_REPETITION_PENALTY: f32 = 1.0;
+
+/// The conversation of a one-question request (the CLI's `generate`, reference cases): an optional
+/// system turn, then one user turn with its images before the question.
+pub fn single_turn(system: Option<&str>, images: usize, prompt: &str) -> Vec<ChatMessage> {
+    let mut messages = Vec::new();
+    if let Some(system) = system {
+        messages.push(ChatMessage::text("system", system));
+    }
+    let mut content: Vec<ContentPart> = (0..images).map(|_| ContentPart::Image).collect();
+    content.push(ContentPart::Text(prompt.to_string()));
+    messages.push(ChatMessage {
+        role: "user".into(),
+        content,
+    });
+    messages
+}
 
 /// Sampling fields as a request gives them; `None` is "not set".
 #[derive(Debug, Clone, Default, PartialEq)]
