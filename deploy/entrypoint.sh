@@ -3,7 +3,7 @@
 #
 # Every variable LLAMA3V_SERVE_<NAME>=VALUE becomes the flag --<name> VALUE (NAME lower-cased, `_` -> `-`):
 #   LLAMA3V_SERVE_PORT=8000             -> --port 8000
-#   LLAMA3V_SERVE_MAX_CONCURRENT=8      -> --max-concurrent 8
+#   LLAMA3V_SERVE_MAX_BATCH=8      -> --max-batch 8
 #   LLAMA3V_SERVE_EP=tensorrt,cuda,cpu  -> --ep tensorrt,cuda,cpu
 #   LLAMA3V_SERVE_NO_VERIFY_HASHES=true -> --no-verify-hashes   (true: the bare flag; false or empty: left out)
 # in the variables' sorted order; arguments given to the container come after them, so they can add a

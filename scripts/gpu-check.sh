@@ -91,10 +91,10 @@ for preset in $presets; do
                 "$bin" bench --model "$model" --ep "$ep" --json --repeats 2 --new-tokens 32 --contexts 128,1024 \
                     >"$work/$tag.$name.bench.json" 2>"$work/$tag.$name.bench.err"
             done
-            # The same on CUDA with the KV cache returned to the host every step: what the IoBinding saves.
-            echo "== bench $tag on cuda without IoBinding"
-            "$bin" bench --model "$model" --ep cuda --ep-option decode.io_binding=false --json --repeats 2 \
-                --new-tokens 32 --contexts 128,1024 >"$work/$tag.cuda-plain.bench.json" 2>"$work/$tag.cuda-plain.bench.err"
+            # The batch engine on CUDA under 1, 4 and 8 concurrent clients.
+            echo "== bench $tag on cuda, batched"
+            "$bin" bench --model "$model" --ep cuda --json --concurrency 1,4,8 --new-tokens 32 \
+                >"$work/$tag.cuda-batch.bench.json" 2>"$work/$tag.cuda-batch.bench.err"
         fi
     done
 done
@@ -147,10 +147,11 @@ for preset in presets:
                 ttft = f"{bench['ttft_ms']:.1f}"
                 tps = " / ".join(f"{d['tokens_per_s']:.0f}@{d['context']}" for d in bench.get("decode", []))
             rows.append((tag, name, status, diff, agree, ttft, tps))
-        plain = load(work / f"{tag}.cuda-plain.bench.json")
-        if plain:
-            tps = " / ".join(f"{d['tokens_per_s']:.0f}@{d['context']}" for d in plain.get("decode", []))
-            rows.append((tag, "cuda, no IoBinding", "bench only", "-", "-", f"{plain['ttft_ms']:.1f}", tps))
+        batched = load(work / f"{tag}.cuda-batch.bench.json")
+        if batched:
+            tps = " / ".join(f"{r['aggregate_tokens_per_s']:.0f}@{r['config']['concurrency']}" for r in batched)
+            ttft = " / ".join(f"{r['ttft_ms']['p50']:.1f}" for r in batched)
+            rows.append((tag, "cuda, batched (tok/s@clients)", "bench only", "-", "-", ttft, tps))
 
 head = ("model", "provider", "check", "max logit diff vs cpu", "greedy vs cpu", "TTFT ms", "decode tok/s")
 widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 use llama3v::bench::{BenchConfig, BenchReport};
+use llama3v::bench_batch::BatchBenchConfig;
 
 use crate::model_args::ModelArgs;
 
@@ -31,6 +32,17 @@ pub struct BenchArgs {
     /// Seed of the synthetic token ids and pixels
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Instead: the batch engine under N concurrent clients, for each N given (e.g. 1,4,8,16):
+    /// aggregate decode tokens/s, time to first token and inter-token latency percentiles
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub concurrency: Vec<usize>,
+    /// The engine's batch limit with --concurrency [default: the concurrency]; 1 decodes one request
+    /// at a time, for comparison
+    #[arg(long)]
+    pub max_batch: Option<usize>,
+    /// Requests each client sends one after another (with --concurrency)
+    #[arg(long, default_value_t = 3)]
+    pub requests_per_client: usize,
     /// Print the report as JSON on stdout (progress goes to stderr)
     #[arg(long)]
     pub json: bool,
@@ -38,6 +50,10 @@ pub struct BenchArgs {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn opt_mib(bytes: Option<u64>) -> String {
+    bytes.map_or_else(|| "?".to_string(), |b| format!("{:.1}", mib(b)))
 }
 
 fn print_table(report: &BenchReport) {
@@ -81,7 +97,6 @@ fn print_table(report: &BenchReport) {
         mib(report.decoder_weight_bytes),
         mib(report.kv_cache_bytes)
     );
-    let opt_mib = |b: Option<u64>| b.map_or_else(|| "?".to_string(), |b| format!("{:.1}", mib(b)));
     for point in &report.memory {
         println!(
             "  after {:<40} RSS {:>8} MiB, peak so far {:>8} MiB",
@@ -92,8 +107,59 @@ fn print_table(report: &BenchReport) {
     }
 }
 
+fn run_concurrency(model: &llama3v::Model, args: &BenchArgs) -> Result<ExitCode> {
+    let mut reports = Vec::new();
+    for &concurrency in &args.concurrency {
+        let config = BatchBenchConfig {
+            concurrency,
+            max_batch: args.max_batch,
+            requests_per_client: args.requests_per_client,
+            prompt_tokens: (args.prompt_tokens / 4, args.prompt_tokens),
+            new_tokens: (args.new_tokens / 2, args.new_tokens * 3 / 2),
+            stagger: 2,
+            seed: args.seed,
+        };
+        eprintln!(
+            "concurrency {concurrency}: {} requests",
+            concurrency * args.requests_per_client
+        );
+        let report = model.bench_batch(&config).with_context(|| {
+            format!(
+                "benchmarking {} at concurrency {concurrency}",
+                model.dir.display()
+            )
+        })?;
+        if !args.json {
+            println!(
+                "concurrency {:>3}: {:>8.1} tokens/s aggregate ({} tokens, {} requests, {:.2} s), \
+                 mean batch {:.1}, TTFT p50/p95 {:.1}/{:.1} ms, inter-token p50/p95 {:.1}/{:.1} ms, \
+                 peak RSS {} MiB",
+                concurrency,
+                report.aggregate_tokens_per_s,
+                report.generated_tokens,
+                report.requests,
+                report.wall_s,
+                report.mean_batch,
+                report.ttft_ms.p50,
+                report.ttft_ms.p95,
+                report.inter_token_ms.p50,
+                report.inter_token_ms.p95,
+                opt_mib(report.peak_rss_bytes)
+            );
+        }
+        reports.push(report);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     let model = args.model.load()?;
+    if !args.concurrency.is_empty() {
+        return run_concurrency(&model, args);
+    }
     let config = BenchConfig {
         prompt_tokens: args.prompt_tokens,
         new_tokens: args.new_tokens,

@@ -20,6 +20,14 @@ pub struct CheckArgs {
     /// differences between the two lists; each list is checked against the reference too
     #[arg(long, value_name = "EP")]
     pub against: Option<String>,
+    /// Instead of the reference check: run the reference cases as a mixed batch of up to N sequences
+    /// (joining and leaving at different steps) and compare every step's logits with the same request
+    /// run alone
+    #[arg(long, value_name = "N")]
+    pub batch: Option<usize>,
+    /// The longest token budget of the --batch requests
+    #[arg(long, default_value_t = 24)]
+    pub batch_tokens: usize,
     /// Print the report as JSON
     #[arg(long)]
     pub json: bool,
@@ -27,6 +35,9 @@ pub struct CheckArgs {
 
 pub fn run(args: &CheckArgs) -> Result<ExitCode> {
     let model = args.model.load()?;
+    if let Some(max_batch) = args.batch {
+        return check_batch(&model, max_batch, args.batch_tokens, args.json);
+    }
     let report = model
         .check_reference()
         .with_context(|| format!("checking {}", model.dir.display()))?;
@@ -71,6 +82,48 @@ pub fn run(args: &CheckArgs) -> Result<ExitCode> {
         print_comparison(&comparison);
         println!("{}", if pass { "check passed" } else { "check FAILED" });
     }
+    Ok(exit(pass))
+}
+
+fn check_batch(model: &Model, max_batch: usize, tokens: usize, json: bool) -> Result<ExitCode> {
+    let report = model
+        .check_batch(max_batch, tokens)
+        .with_context(|| format!("batch check of {}", model.dir.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(exit(report.pass()));
+    }
+    let widest = report.batch_sizes.iter().max().copied().unwrap_or(0);
+    println!(
+        "batch check: {} requests, up to {max_batch} per decoder run (widest run: {widest} \
+         sequences, {} runs)",
+        report.rows.len(),
+        report.batch_sizes.len()
+    );
+    for row in &report.rows {
+        let m = &row.logits;
+        println!(
+            "  {:<18} arrives at iteration {:>3}, {:>3} tokens: {} {:.3e} (tolerance {:.0e}, {}), \
+             tokens {}",
+            row.request,
+            row.arrives_at,
+            row.tokens,
+            m.stage,
+            m.measured,
+            m.tolerance,
+            m.detail,
+            if row.tokens_equal { "equal" } else { "DIFFER" }
+        );
+    }
+    let pass = report.pass();
+    println!(
+        "{}",
+        if pass {
+            "batch check passed"
+        } else {
+            "batch check FAILED"
+        }
+    );
     Ok(exit(pass))
 }
 

@@ -6,11 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use llama3v::chat_template::{ChatMessage, ContentPart};
 use llama3v::generate::Request;
-use llama3v::manifest::GenerationDefaults;
 use llama3v::preprocess::{load_image, DecodeLimits};
-use llama3v::sampling::SamplingParams;
+use llama3v::request::{resolve_sampling, single_turn, SamplingRequest};
 use serde_json::json;
 
 use crate::model_args::ModelArgs;
@@ -39,8 +37,9 @@ pub struct GenerateArgs {
     /// Nucleus sampling, in (0, 1] [default: the model's generation_config, else off]
     #[arg(long)]
     pub top_p: Option<f32>,
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f32,
+    /// Penalty on tokens already seen, 1 = off [default: the model's generation_config, else 1]
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
     /// Seed for reproducible sampling
     #[arg(long)]
     pub seed: Option<u64>,
@@ -52,30 +51,6 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-const TRANSFORMERS_DEFAULT_TOP_K: usize = 50;
-
-/// Flags win; otherwise the checkpoint's generation_config; greedy when it does not sample.
-fn sampling_params(args: &GenerateArgs, defaults: &GenerationDefaults) -> SamplingParams {
-    let samples = defaults.do_sample.unwrap_or(false);
-    let temperature = args.temperature.unwrap_or(if samples {
-        defaults.temperature.unwrap_or(1.0)
-    } else {
-        0.0
-    });
-    SamplingParams {
-        temperature,
-        // transformers samples with top_k = 50 when generation_config.json leaves it unset.
-        top_k: args.top_k.or(if samples {
-            Some(defaults.top_k.unwrap_or(TRANSFORMERS_DEFAULT_TOP_K))
-        } else {
-            None
-        }),
-        top_p: args.top_p.or(if samples { defaults.top_p } else { None }),
-        repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
-    }
-}
-
 pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
     let limits = DecodeLimits::default();
     let images = args
@@ -84,22 +59,18 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
         .map(|path| load_image(path, &limits))
         .collect::<Result<Vec<_>, _>>()?;
     let model = args.model.load()?;
-    let sampling = sampling_params(args, &model.manifest.generation);
-    sampling.validate()?;
+    let sampling = resolve_sampling(
+        &SamplingRequest {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            repetition_penalty: args.repetition_penalty,
+            seed: args.seed,
+        },
+        &model.manifest.generation,
+    )?;
 
-    let mut messages = Vec::new();
-    if let Some(system) = &args.system {
-        messages.push(ChatMessage {
-            role: "system".into(),
-            content: vec![ContentPart::Text(system.clone())],
-        });
-    }
-    let mut content: Vec<ContentPart> = images.iter().map(|_| ContentPart::Image).collect();
-    content.push(ContentPart::Text(args.prompt.clone()));
-    messages.push(ChatMessage {
-        role: "user".into(),
-        content,
-    });
+    let messages = single_turn(args.system.as_deref(), images.len(), &args.prompt);
     let request = Request {
         messages: &messages,
         images: &images,

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
-use llama3v::decoder::StepMode;
+use llama3v::decode::layout_description;
 use serde_json::json;
 
 use crate::model_args::ModelArgs;
@@ -48,7 +48,7 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
             "provenance": m.provenance,
             "quantization": m.quantization,
             "graphs": graphs,
-            "decode_step": model.sessions.decoder_mode().name(),
+            "kv_layout": layout_description(m.decoder_flavour).0,
             "decoder_flavour": m.decoder_flavour.name(),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -107,16 +107,7 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
         "decoder    {} flavour",
         model.manifest.decoder_flavour.name()
     );
-    println!(
-        "decode     {} (KV cache {})",
-        model.sessions.decoder_mode().name(),
-        match model.sessions.decoder_mode() {
-            StepMode::Plain => "fed back through host-visible outputs of each run",
-            StepMode::Bound => "fed back in the decoder's device memory through an IoBinding",
-            StepMode::Shared => {
-                "appended in place to buffers sized to the request, bound as past and present"
-            }
-        }
-    );
+    let (layout, how) = layout_description(m.decoder_flavour);
+    println!("KV cache   {layout} ({how})");
     Ok(ExitCode::SUCCESS)
 }

@@ -136,7 +136,9 @@ def build_manifest(
         "image": image_settings(checkpoint, dims),
         "text": text_settings(checkpoint),
         # Values generation_config.json leaves unset are null.
-        "generation": {k: generation.get(k) for k in ("temperature", "top_p", "top_k", "do_sample")},
+        "generation": {
+            k: generation.get(k) for k in ("temperature", "top_p", "top_k", "do_sample", "repetition_penalty")
+        },
         "provenance": {
             "source_checkpoint": str(checkpoint.path.resolve()),
             "exporter": f"llama3v-export {__version__}",

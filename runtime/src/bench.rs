@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::manifest::resolve_inside;
 use crate::model::Model;
+use crate::sampling::argmax;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchConfig {
@@ -135,16 +136,6 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        if *v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// Peak resident set size of this process from /proc/self/status (`VmHWM`).
 pub fn peak_rss_bytes() -> Option<u64> {
     proc_status_bytes("VmHWM:")
@@ -168,7 +159,8 @@ fn file_bytes(dir: &Path, name: &str) -> Result<u64> {
         .len())
 }
 
-struct Synthetic {
+/// Random prompts and images for a model.
+pub(crate) struct Synthetic {
     rng: ChaCha8Rng,
     /// Token ids drawn from `0..vocab`, never the image token.
     vocab: u32,
@@ -176,7 +168,21 @@ struct Synthetic {
 }
 
 impl Synthetic {
-    fn ids(&mut self, n: usize) -> Vec<u32> {
+    pub(crate) fn new(model: &Model, seed: u64) -> Synthetic {
+        // The tokenizer's ids are the ones a real prompt uses; the model's vocabulary may be larger.
+        let vocab = model
+            .tokenizer
+            .vocab_size()
+            .min(model.manifest.model.vocab_size)
+            .max(2);
+        Synthetic {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            vocab: vocab as u32,
+            image_token: model.manifest.image.image_token_id,
+        }
+    }
+
+    pub(crate) fn ids(&mut self, n: usize) -> Vec<u32> {
         (0..n)
             .map(|_| loop {
                 let id = self.rng.random_range(0..self.vocab);
@@ -187,7 +193,7 @@ impl Synthetic {
             .collect()
     }
 
-    fn image(&mut self, width: u32, height: u32) -> RgbImage {
+    pub(crate) fn image(&mut self, width: u32, height: u32) -> RgbImage {
         RgbImage::from_fn(width, height, |_, _| {
             Rgb([self.rng.random(), self.rng.random(), self.rng.random()])
         })
@@ -216,17 +222,7 @@ impl Model {
             });
         }
         let repeats = config.repeats.max(1);
-        // The tokenizer's ids are the ones a real prompt uses; the model's vocabulary may be larger.
-        let vocab = self
-            .tokenizer
-            .vocab_size()
-            .min(manifest.model.vocab_size)
-            .max(2);
-        let mut synth = Synthetic {
-            rng: ChaCha8Rng::seed_from_u64(config.seed),
-            vocab: vocab as u32,
-            image_token: image.image_token_id,
-        };
+        let mut synth = Synthetic::new(self, config.seed);
 
         let mut memory = vec![MemoryPoint::now("loaded".into())];
 
@@ -401,11 +397,6 @@ mod tests {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median(&mut []), 0.0);
-    }
-
-    #[test]
-    fn argmax_takes_the_first_of_equal_maxima() {
-        assert_eq!(argmax(&[0.0, 2.0, 1.0, 2.0]), 1);
     }
 
     #[test]

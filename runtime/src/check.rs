@@ -10,11 +10,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::chat_template::{ChatMessage, ContentPart};
+use crate::chat_template::ChatMessage;
 use crate::error::{Error, Result};
 use crate::manifest::{resolve_inside, Manifest, ModelDtype, QuantMethod};
 use crate::model::Model;
 use crate::preprocess::{load_image, DecodeLimits};
+use crate::request::single_turn;
+use crate::sampling::argmax;
 
 pub const REFERENCE_DIR: &str = "reference";
 const FORMAT_VERSION: u32 = 1;
@@ -41,21 +43,7 @@ impl ReferenceCase {
     /// The conversation the case was computed from: optional system turn, then one user turn with the
     /// images before the prompt text.
     pub fn messages(&self) -> Vec<ChatMessage> {
-        let mut messages = Vec::new();
-        if let Some(system) = &self.system {
-            messages.push(ChatMessage {
-                role: "system".into(),
-                content: vec![ContentPart::Text(system.clone())],
-            });
-        }
-        let mut content: Vec<ContentPart> =
-            self.images.iter().map(|_| ContentPart::Image).collect();
-        content.push(ContentPart::Text(self.prompt.clone()));
-        messages.push(ChatMessage {
-            role: "user".into(),
-            content,
-        });
-        messages
+        single_turn(self.system.as_deref(), self.images.len(), &self.prompt)
     }
 }
 
@@ -262,17 +250,6 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Index of the largest value (the first on ties), as greedy decoding picks it.
-pub fn argmax(row: &[f32]) -> Option<usize> {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &v) in row.iter().enumerate() {
-        if best.is_none_or(|(_, b)| v > b) {
-            best = Some((i, v));
-        }
-    }
-    best.map(|(i, _)| i)
-}
-
 /// How many entries of `row` are larger than entry `index` (0: it is the largest); a missing or NaN
 /// entry ranks last.
 pub fn rank_of(row: &[f32], index: usize) -> usize {
@@ -416,7 +393,7 @@ impl Model {
                 worst = m.measured;
                 worst_step = step;
             }
-            if argmax(&logits) == Some(token as usize) {
+            if !logits.is_empty() && argmax(&logits) == token {
                 agreement += 1;
             }
             if tol.top_k > 0 && rank_of(&logits, token as usize) < tol.top_k {
@@ -476,12 +453,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn diffs_and_argmax() {
+    fn diffs_and_ranks() {
         assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 1.0]), 1.0);
         assert!(max_abs_diff(&[1.0], &[1.0, 2.0]).is_infinite());
         assert!(max_abs_diff(&[f32::NAN], &[1.0]).is_infinite());
-        assert_eq!(argmax(&[0.1, 0.7, 0.7, -1.0]), Some(1));
-        assert_eq!(argmax(&[]), None);
         assert_eq!(rank_of(&[0.1, 0.7, 0.5], 1), 0);
         assert_eq!(rank_of(&[0.1, 0.7, 0.5], 0), 2);
         assert_eq!(rank_of(&[0.1, 0.7], 5), 2);

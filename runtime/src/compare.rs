@@ -4,11 +4,12 @@
 
 use serde::Serialize;
 
-use crate::check::{argmax, load_reference, measure, Measure, Tolerances, REFERENCE_DIR};
+use crate::check::{load_reference, measure, Measure, Tolerances, REFERENCE_DIR};
 use crate::error::Result;
 use crate::manifest::resolve_inside;
 use crate::model::Model;
 use crate::preprocess::{load_image, DecodeLimits};
+use crate::sampling::argmax;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CaseComparison {
@@ -128,7 +129,7 @@ pub fn compare_models(
             if worst.as_ref().is_none_or(|(_, w)| m.measured > w.measured) {
                 worst = Some((step, m));
             }
-            if argmax(&logits_a).is_some() && argmax(&logits_a) == argmax(&logits_b) {
+            if !logits_a.is_empty() && argmax(&logits_a) == argmax(&logits_b) {
                 agreement += 1;
             }
         }
@@ -167,8 +168,8 @@ mod tests {
 
     #[test]
     fn argmax_takes_the_first_maximum() {
-        assert_eq!(argmax(&[0.1, 0.7, 0.7, -1.0]), Some(1));
-        assert_eq!(argmax(&[]), None);
+        assert_eq!(argmax(&[0.1, 0.7, 0.7, -1.0]), 1);
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]

@@ -83,18 +83,16 @@ pub const KEYS: &[(&str, &str)] = &[
         "prompt + generated tokens, 1..=the model's max_context (default it)",
     ),
     (
-        "limits.prefill_chunk",
-        "the most prompt tokens in one decoder run, 0 for the whole prompt in one run (default 512)",
+        "limits.max_batch",
+        "sequences decoded together in one decoder run, an integer in 1..=256 (default 8)",
     ),
     (
         "limits.opt_context",
         "the context length TensorRT tunes for, 1..=max_context (default max_context/2)",
     ),
     (
-        "decode.io_binding",
-        "auto, true or false: bind the decoder's inputs and outputs so the KV cache stays in the \
-         provider's memory (default auto: on for CUDA and TensorRT, off on the CPU; a fused decoder \
-         appends to shared buffers unless false)",
+        "decode.prefill_chunk",
+        "the most prompt tokens in one decoder run, 0 for the whole prompt in one run (default 512)",
     ),
 ];
 
@@ -163,22 +161,22 @@ impl Default for TensorRtOptions {
     }
 }
 
-/// How the decode loop drives the decoder graph.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Tuning of the decode loop (not limits: they change speed and memory, never what a request may ask).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeOptions {
-    /// Run the decoder through an IoBinding: the present KV outputs are bound to the provider's device
-    /// memory and fed back as the next run's past inputs there, and only the logits are bound to host
-    /// memory. `None` (auto): on when the decoder runs on CUDA or TensorRT, where a plain run would
-    /// return the whole cache to the host every step; off on the CPU, where both paths leave the cache
-    /// in place and the plain run measured as fast (docs/PERFORMANCE.md). A fused decoder always runs
-    /// bound, to buffers shared by past and present, unless this is `Some(false)`.
-    pub io_binding: Option<bool>,
+    /// The most prompt tokens one decoder run takes; a longer prompt is prefilled in runs of this many
+    /// tokens, each attending to the cache of the ones before. Standard attention materialises
+    /// `heads x run tokens x context` scores, so this bounds prefill's activation memory, and the
+    /// batch engine runs one such chunk between two decode steps of the running sequences. `0`: the
+    /// whole prompt in one run.
+    pub prefill_chunk: usize,
 }
 
-impl DecodeOptions {
-    /// Whether the decoder of a graph on `device_is_gpu` runs through the binding.
-    pub fn io_binding_on(&self, device_is_gpu: bool) -> bool {
-        self.io_binding.unwrap_or(device_is_gpu)
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+        }
     }
 }
 
@@ -187,24 +185,21 @@ impl DecodeOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestLimits {
     pub max_images: usize,
+    /// Sequences decoded together (the batch engine's rows; TensorRT's decoder batch profile).
+    pub max_batch: usize,
     pub max_prompt_tokens: Option<usize>,
     pub max_context: Option<usize>,
     pub opt_context: Option<usize>,
-    /// The most prompt tokens one decoder run takes; a longer prompt is prefilled in runs of this many
-    /// tokens, each attending to the cache of the ones before. Standard attention materialises
-    /// `heads x run tokens x context` scores, so this bounds prefill's activation memory. `0`: the
-    /// whole prompt in one run.
-    pub prefill_chunk: usize,
 }
 
 impl Default for RequestLimits {
     fn default() -> Self {
         RequestLimits {
             max_images: 4,
+            max_batch: DEFAULT_MAX_BATCH,
             max_prompt_tokens: None,
             max_context: None,
             opt_context: None,
-            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         }
     }
 }
@@ -214,10 +209,15 @@ impl Default for RequestLimits {
 /// (docs/PERFORMANCE.md, run 5).
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
+/// Sequences decoded together unless configured: on a memory-bound decoder a batch of 8 costs little
+/// more per step than one sequence (docs/PERFORMANCE.md).
+pub const DEFAULT_MAX_BATCH: usize = 8;
+
 /// [`RequestLimits`] with the model's context filled in and checked against it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResolvedLimits {
     pub max_images: usize,
+    pub max_batch: usize,
     pub max_prompt_tokens: usize,
     pub max_context: usize,
     pub opt_context: usize,
@@ -251,6 +251,7 @@ impl RequestLimits {
         }
         Ok(ResolvedLimits {
             max_images: self.max_images,
+            max_batch: self.max_batch,
             max_prompt_tokens,
             max_context,
             opt_context,
@@ -410,6 +411,9 @@ impl EpOptions {
             "limits.max_images" => {
                 self.limits.max_images = as_int(value, 1, 64).ok_or_else(bad)? as usize
             }
+            "limits.max_batch" => {
+                self.limits.max_batch = as_int(value, 1, 256).ok_or_else(bad)? as usize
+            }
             "limits.max_prompt_tokens" => {
                 self.limits.max_prompt_tokens = Some(as_count(value).ok_or_else(bad)?)
             }
@@ -419,15 +423,9 @@ impl EpOptions {
             "limits.opt_context" => {
                 self.limits.opt_context = Some(as_count(value).ok_or_else(bad)?)
             }
-            "limits.prefill_chunk" => {
-                self.limits.prefill_chunk =
+            "decode.prefill_chunk" => {
+                self.decode.prefill_chunk =
                     as_int(value, 0, i64::from(u32::MAX)).ok_or_else(bad)? as usize
-            }
-            "decode.io_binding" => {
-                self.decode.io_binding = match value {
-                    OptionValue::Str(s) if s.eq_ignore_ascii_case("auto") => None,
-                    _ => Some(as_bool(value).ok_or_else(bad)?),
-                }
             }
             _ => return Err(bad()),
         }
@@ -575,13 +573,16 @@ pub struct ShapeProfile {
 }
 
 /// The (min, opt, max) a symbolic dimension of `graph` takes within the request limits. The vision graph's
-/// batch is the number of images in a request; the other graphs run one sequence. `opt` is the decode
+/// batch is the number of images in a request, the decoder's the sequences decoding together; the
+/// embedding graph runs one row of ids (a prompt, or one token of every decoding sequence). `opt` is the decode
 /// step (one new token, a half-full context), the shape the decoder runs most.
 fn dim_range(graph: &str, dim: &str, limits: &ResolvedLimits) -> Option<(usize, usize, usize)> {
     Some(match (graph, dim) {
         ("vision", "batch") => (1, 1, limits.max_images),
+        ("decoder", "batch") => (1, 1, limits.max_batch),
         (_, "batch") => (1, 1, 1),
-        ("embed" | "decoder", "sequence") => (1, 1, limits.max_prompt_tokens),
+        ("embed", "sequence") => (1, 1, limits.max_prompt_tokens.max(limits.max_batch)),
+        ("decoder", "sequence") => (1, 1, limits.max_prompt_tokens),
         ("decoder", "past_sequence") => (0, limits.opt_context - 1, limits.max_context - 1),
         ("decoder", "total_sequence") => (1, limits.opt_context, limits.max_context),
         _ => return None,
@@ -676,10 +677,10 @@ mod tests {
             "limits.max_prompt_tokens=1024",
             "limits.max_context=2048",
             "limits.opt_context=512",
-            "limits.prefill_chunk=256",
+            "limits.max_batch=16",
+            "decode.prefill_chunk=256",
             "cpu.arena=false",
             "cpu.prepack_weights=no",
-            "decode.io_binding=on",
         ] {
             o.apply_arg(arg).unwrap_or_else(|e| panic!("{arg}: {e}"));
         }
@@ -699,10 +700,10 @@ mod tests {
             o.limits,
             RequestLimits {
                 max_images: 2,
+                max_batch: 16,
                 max_prompt_tokens: Some(1024),
                 max_context: Some(2048),
                 opt_context: Some(512),
-                prefill_chunk: 256,
             }
         );
         assert_eq!(
@@ -712,47 +713,17 @@ mod tests {
                 prepack_weights: false
             }
         );
-        assert_eq!(o.decode.io_binding, Some(true));
+        assert_eq!(o.decode.prefill_chunk, 256);
     }
 
     #[test]
-    fn io_binding_is_auto_true_or_false() {
-        let mut o = EpOptions::default();
-        // auto: bound on a GPU, plain on the CPU.
-        assert_eq!(o.decode.io_binding, None);
-        assert!(o.decode.io_binding_on(true) && !o.decode.io_binding_on(false));
-        o.apply_arg("decode.io_binding=true").unwrap();
-        assert!(o.decode.io_binding_on(true) && o.decode.io_binding_on(false));
-        o.apply_arg("decode.io_binding=FALSE").unwrap();
-        assert!(!o.decode.io_binding_on(true) && !o.decode.io_binding_on(false));
-        o.apply_arg("decode.io_binding=Auto").unwrap();
-        assert_eq!(o.decode.io_binding, None);
-        o.set("decode.io_binding", &OptionValue::Bool(true))
-            .unwrap();
-        assert_eq!(o.decode.io_binding, Some(true));
-
-        let e = err(o.apply_arg("decode.io_binding=sometimes"));
+    fn removed_io_binding_option_is_refused() {
+        // Both cache layouts always keep the cache in the decoder's memory: there is no choice left.
+        let e = err(EpOptions::default().apply_arg("decode.io_binding=true"));
         assert!(
-            e.contains("decode.io_binding")
-                && e.contains("\"sometimes\"")
-                && e.contains("auto, true or false"),
+            e.contains("decode.io_binding") && e.contains("a known key"),
             "{e}"
         );
-        assert!(o.set("decode.io_binding", &OptionValue::Int(2)).is_err());
-        // A refused value leaves the last valid one.
-        assert_eq!(o.decode.io_binding, Some(true));
-
-        let dir = std::env::temp_dir().join(format!("llama3v-io-binding-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("ep.toml");
-        std::fs::write(&path, "[decode]\nio_binding = false\n").unwrap();
-        assert_eq!(
-            EpOptions::from_file(&path).unwrap().decode.io_binding,
-            Some(false)
-        );
-        std::fs::write(&path, "[decode]\nio_binding = \"auto\"\n").unwrap();
-        assert_eq!(EpOptions::from_file(&path).unwrap().decode.io_binding, None);
-        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
@@ -785,9 +756,9 @@ mod tests {
         );
         let e = err(o.apply_arg("providers=cpu,rocm"));
         assert!(e.contains("providers") && e.contains("\"cpu,rocm\""), "{e}");
-        let e = err(o.apply_arg("limits.prefill_chunk=-1"));
+        let e = err(o.apply_arg("decode.prefill_chunk=-1"));
         assert!(
-            e.contains("limits.prefill_chunk") && e.contains("default 512"),
+            e.contains("decode.prefill_chunk") && e.contains("default 512"),
             "{e}"
         );
         let e = err(o.apply_arg("cpu.arena=sometimes"));
@@ -873,6 +844,7 @@ mod tests {
             l,
             ResolvedLimits {
                 max_images: 4,
+                max_batch: 8,
                 max_prompt_tokens: 4096,
                 max_context: 4096,
                 opt_context: 2048
@@ -965,10 +937,10 @@ mod tests {
         let m = manifest();
         let limits = RequestLimits {
             max_images: 2,
+            max_batch: 4,
             max_prompt_tokens: Some(512),
             max_context: Some(1024),
             opt_context: Some(256),
-            prefill_chunk: 0,
         }
         .resolve(m.model.max_context)
         .unwrap();
@@ -991,24 +963,26 @@ mod tests {
         let decoder = tensorrt_profile("decoder", &m.graphs.decoder, &limits)
             .unwrap()
             .unwrap();
-        let past = |i: usize, kv: &str, p: usize| format!("past_key_values.{i}.{kv}:1x4x{p}x16");
-        let expect = |s: usize, t: usize, p: usize| {
+        let past = |i: usize, kv: &str, b: usize, p: usize| {
+            format!("past_key_values.{i}.{kv}:{b}x4x{p}x16")
+        };
+        let expect = |b: usize, s: usize, t: usize, p: usize| {
             let mut parts = vec![
-                format!("inputs_embeds:1x{s}x64"),
-                format!("attention_mask:1x{t}"),
-                format!("position_ids:1x{s}"),
+                format!("inputs_embeds:{b}x{s}x64"),
+                format!("attention_mask:{b}x{t}"),
+                format!("position_ids:{b}x{s}"),
             ];
             for i in 0..2 {
-                parts.push(past(i, "key", p));
-                parts.push(past(i, "value", p));
+                parts.push(past(i, "key", b, p));
+                parts.push(past(i, "value", b, p));
             }
             parts.join(",")
         };
-        // Prefill of one token on an empty cache; a decode step at the tuned context; a full prompt
-        // with the longest past.
-        assert_eq!(decoder.min, expect(1, 1, 0));
-        assert_eq!(decoder.opt, expect(1, 256, 255));
-        assert_eq!(decoder.max, expect(512, 1024, 1023));
+        // Prefill of one token on an empty cache; a decode step of one sequence at the tuned context;
+        // a full batch, prompt and past.
+        assert_eq!(decoder.min, expect(1, 1, 1, 0));
+        assert_eq!(decoder.opt, expect(1, 1, 256, 255));
+        assert_eq!(decoder.max, expect(4, 512, 1024, 1023));
     }
 
     #[test]

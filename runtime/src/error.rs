@@ -60,6 +60,9 @@ pub enum Error {
         max_context: usize,
     },
 
+    #[error("request refused: {0}")]
+    Admission(String),
+
     #[error("graph {graph}: {reason}")]
     Graph { graph: String, reason: String },
 

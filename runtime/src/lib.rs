@@ -5,24 +5,28 @@
 //! decode loop ([`generate`]).
 
 pub mod bench;
+pub mod bench_batch;
 pub mod chat_template;
 pub mod check;
+pub mod check_batch;
 pub mod compare;
-pub mod decoder;
+pub mod decode;
 pub mod embed;
+pub mod engine;
 pub mod ep;
 pub mod ep_config;
 pub mod error;
 pub mod generate;
 pub mod graph;
 pub mod heap;
-pub mod kv_cache;
 pub mod manifest;
 pub mod model;
 pub mod onnx_file;
 pub mod ort_env;
 pub mod preprocess;
+pub mod request;
 pub mod sampling;
+pub mod sequence;
 pub mod splice;
 pub mod tokenizer;
 pub mod vision;

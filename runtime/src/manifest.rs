@@ -258,6 +258,8 @@ pub struct GenerationDefaults {
     pub top_k: Option<usize>,
     #[serde(default)]
     pub do_sample: Option<bool>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
 }
 
 /// Which checks [`Manifest::load`] runs on the graph files.

@@ -5,13 +5,14 @@ use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 
+use std::time::Duration;
+
 use crate::chat_template::{ChatMessage, ChatTemplate};
-use crate::decoder::{decoder_step, StepMode};
+use crate::decode::{new_batch, KvBatch, Prefill};
 use crate::embed::embed_tokens;
-use crate::ep_config::DecodeOptions;
+use crate::ep_config::ResolvedLimits;
 use crate::error::{Error, Result};
-use crate::graph::{Device, Graph, SessionOptions};
-use crate::kv_cache::KvCache;
+use crate::graph::{Graph, SessionOptions};
 use crate::manifest::{
     resolve_inside, DecoderFlavour, ImageSettings, LoadOptions, Manifest, ModelDims, TensorDtype,
 };
@@ -32,6 +33,8 @@ pub struct Model {
     pub tokenizer: TextTokenizer,
     pub template: ChatTemplate,
     pub sessions: Sessions,
+    /// What one request may ask for ([`crate::request::admit`] checks it).
+    limits: ResolvedLimits,
 }
 
 /// The three graph sessions and what running them needs from the manifest. Kept apart from the
@@ -43,12 +46,9 @@ pub struct Sessions {
     dtype: TensorDtype,
     dims: ModelDims,
     image: ImageSettings,
+    flavour: DecoderFlavour,
     /// Most prompt tokens per decoder run in prefill; 0: the whole prompt in one run.
     prefill_chunk: usize,
-    /// How the decoder runs: a fused decoder appends to shared buffers; a plain one runs bound (the
-    /// cache stays in the decoder's device memory) on CUDA and TensorRT, and on the CPU when
-    /// `decode.io_binding` asks for it.
-    decoder_mode: StepMode,
 }
 
 impl Model {
@@ -84,21 +84,20 @@ impl Model {
         )?;
         let graphs = &manifest.graphs;
         let session = options.session.for_model(&manifest.model)?;
-        let decoder = Graph::open(dir, "decoder", &graphs.decoder, &session)?;
-        let decoder_mode = step_mode(
-            manifest.decoder_flavour,
-            options.session.ep.decode.io_binding,
-            decoder.device,
-        );
+        let limits = options
+            .session
+            .ep
+            .limits
+            .resolve(manifest.model.max_context)?;
         let sessions = Sessions {
             vision: Graph::open(dir, "vision", &graphs.vision, &session)?,
             embed: Graph::open(dir, "embed", &graphs.embed, &session)?,
-            decoder,
-            decoder_mode,
+            decoder: Graph::open(dir, "decoder", &graphs.decoder, &session)?,
+            flavour: manifest.decoder_flavour,
             dtype: manifest.float_dtype(),
             dims: manifest.model.clone(),
             image: manifest.image.clone(),
-            prefill_chunk: options.session.ep.limits.prefill_chunk,
+            prefill_chunk: options.session.ep.decode.prefill_chunk,
         };
         // Session creation frees its copies of the graphs and weights (see `heap`).
         crate::heap::release_free_heap();
@@ -108,7 +107,13 @@ impl Model {
             tokenizer,
             template,
             sessions,
+            limits,
         })
+    }
+
+    /// The request limits this model was loaded with, resolved against its context.
+    pub fn limits(&self) -> &ResolvedLimits {
+        &self.limits
     }
 
     pub fn graphs(&self) -> [&Graph; 3] {
@@ -181,27 +186,18 @@ impl Sessions {
         Ok(embeds)
     }
 
-    /// Runs the prompt through the decoder, in one run or in runs of at most `limits.prefill_chunk`
-    /// tokens; returns the cache and the last position's logits. `reserve` is how many positions the
-    /// caller will append after the prompt: shared buffers are sized to the prompt plus that (within
-    /// the model's context), so decoding never reallocates them.
+    /// Runs the prompt through the decoder alone, in one run or in runs of at most
+    /// `decode.prefill_chunk` tokens; returns its cache and the last position's logits. `reserve` is
+    /// how many positions the caller will append after the prompt (a fused decoder's buffers are sized
+    /// to the prompt plus that, within the model's context). The batch engine prefills the same way,
+    /// one chunk per iteration.
     pub fn prefill(
         &self,
         embeds: &[f32],
         seq: usize,
         reserve: usize,
         logits: &mut Vec<f32>,
-    ) -> Result<KvCache> {
-        let dtype = self.dtype;
-        let mut cache = if self.decoder_mode == StepMode::Shared {
-            let capacity = seq
-                .saturating_add(reserve)
-                .min(self.dims.max_context)
-                .max(seq);
-            KvCache::shared(&self.dims, dtype, capacity, &self.decoder.allocator()?)?
-        } else {
-            KvCache::empty(&self.dims, dtype)?
-        };
+    ) -> Result<SingleSequence> {
         if seq == 0 || !embeds.len().is_multiple_of(seq) {
             return Err(self.decoder.error(format!(
                 "{} embedding values do not make {seq} rows",
@@ -209,93 +205,66 @@ impl Sessions {
             )));
         }
         let hidden = embeds.len() / seq;
-        let chunk = if self.prefill_chunk == 0 {
-            seq
-        } else {
-            self.prefill_chunk
+        let chunk = match self.prefill_chunk {
+            0 => seq,
+            chunk => chunk,
         };
+        let mut prefill = Prefill::new(&self.dims, self.dtype);
         for rows in embeds.chunks(chunk * hidden) {
-            decoder_step(
-                &self.decoder,
-                dtype,
-                self.decoder_mode,
-                rows,
-                rows.len() / hidden,
-                &mut cache,
-                logits,
-            )?;
+            prefill.run(&self.decoder, rows, rows.len() / hidden, logits)?;
         }
-        Ok(cache)
+        let mut batch = new_batch(self.flavour, &self.dims, self.dtype);
+        batch.push(&self.decoder, prefill.finish()?, reserve)?;
+        Ok(SingleSequence { batch })
     }
 
     /// Feeds one token after the cached positions; leaves its logits in `logits`.
-    pub fn step(&self, token: u32, cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {
-        let dtype = self.dtype;
+    pub fn step(
+        &self,
+        token: u32,
+        cache: &mut SingleSequence,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         let embeds = embed_tokens(&self.embed, &[token])?;
-        decoder_step(
-            &self.decoder,
-            dtype,
-            self.decoder_mode,
-            &embeds,
-            1,
-            cache,
-            logits,
-        )
+        cache.batch.step(&self.decoder, &embeds, logits)
     }
 
-    /// How the decoder runs: [`StepMode::Bound`] keeps the KV cache in the decoder's device memory,
-    /// [`StepMode::Shared`] appends to it in place.
-    pub fn decoder_mode(&self) -> StepMode {
-        self.decoder_mode
+    /// Most prompt tokens per prefill run (`decode.prefill_chunk`); 0: the whole prompt in one run.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+
+    /// The decoder's flavour, which decides the cache layout ([`crate::decode`]).
+    pub fn flavour(&self) -> DecoderFlavour {
+        self.flavour
     }
 }
 
-/// The decoder's step mode: a fused decoder appends in place to shared buffers unless
-/// `decode.io_binding=false` asks for plain runs (the fused graph also returns a new present when
-/// given a past of exactly its length); a plain decoder runs bound on a GPU, or as asked.
-fn step_mode(flavour: DecoderFlavour, io_binding: Option<bool>, device: Device) -> StepMode {
-    if flavour == DecoderFlavour::Fused && io_binding != Some(false) {
-        return StepMode::Shared;
+/// One sequence decoded outside the engine, token by token (reference checks and benchmarks): a batch
+/// of one row.
+pub struct SingleSequence {
+    batch: Box<dyn KvBatch>,
+}
+
+impl SingleSequence {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.batch.row_len(0)
     }
-    if (DecodeOptions { io_binding }).io_binding_on(device != Device::Cpu) {
-        StepMode::Bound
-    } else {
-        StepMode::Plain
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Time inside ONNX Runtime's run during the last step.
+    pub fn last_run(&self) -> Duration {
+        self.batch.last_run()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fused_decoders_share_buffers_unless_plain_runs_are_asked_for() {
-        let cuda = Device::Cuda { device_id: 0 };
-        for device in [Device::Cpu, cuda] {
-            for io_binding in [None, Some(true)] {
-                assert_eq!(
-                    step_mode(DecoderFlavour::Fused, io_binding, device),
-                    StepMode::Shared
-                );
-            }
-            assert_eq!(
-                step_mode(DecoderFlavour::Fused, Some(false), device),
-                StepMode::Plain
-            );
-        }
-        assert_eq!(
-            step_mode(DecoderFlavour::Plain, None, Device::Cpu),
-            StepMode::Plain
-        );
-        assert_eq!(
-            step_mode(DecoderFlavour::Plain, None, cuda),
-            StepMode::Bound
-        );
-        assert_eq!(
-            step_mode(DecoderFlavour::Plain, Some(true), Device::Cpu),
-            StepMode::Bound
-        );
-    }
 
     /// A server shares one model between request threads.
     #[test]

@@ -282,7 +282,9 @@ fn all_finite(row: &[f32]) -> bool {
 
 /// Index of the highest score in a non-empty, finite row of at most u32::MAX entries; ties go
 /// to the lowest index, as with `torch.argmax`.
-fn argmax(scores: &[f32]) -> u32 {
+/// Index of the largest score (the first on ties), as greedy decoding picks it; 0 for an empty row.
+/// The one argmax of the runtime: sampling, reference checks and benchmarks use it.
+pub fn argmax(scores: &[f32]) -> u32 {
     // Two simple passes (max, then first match) run faster than one pass carrying an index.
     let max = max_of(scores);
     // Always found (`max` is one of the scores); 0 only keeps this free of a panic path.

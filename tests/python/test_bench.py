@@ -69,7 +69,7 @@ def test_chunked_prefill_matches_the_reference(exports):
     reference (logits within the fp32 tolerance, greedy tokens identical)."""
     model_dir = exports.model_dir("tiny-a")
     for chunk in ("1", "5", "0"):
-        proc = llama3v("check", "--model", str(model_dir), "--ep-option", f"limits.prefill_chunk={chunk}")
+        proc = llama3v("check", "--model", str(model_dir), "--ep-option", f"decode.prefill_chunk={chunk}")
         print(f"prefill_chunk={chunk}\n{proc.stdout}")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "check passed" in proc.stdout

@@ -37,7 +37,7 @@ from lb_cluster import HAProxy, Replica, cluster, haproxy_binary
 
 MODEL = REPO / "models" / "default"
 # Three replicas share two cores: one ONNX Runtime thread each.
-FLAGS = ["--threads=1", "--max-concurrent=2", "--max-queue=32", "--shutdown-grace-secs=20", "--max-tokens=420"]
+FLAGS = ["--threads=1", "--max-batch=2", "--max-queue=32", "--shutdown-grace-secs=20", "--max-tokens=420"]
 CLIENTS = 6
 REQUEST_TIMEOUT_S = 60
 # A failure that takes longer than this was a hang cut short by a timeout, not a clean failure.

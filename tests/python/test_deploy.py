@@ -178,7 +178,7 @@ def test_entrypoint_turns_the_environment_into_flags(tmp_path: Path):
         "PATH": os.environ["PATH"],
         "LLAMA3V_BIN": str(echo),
         "LLAMA3V_SERVE_PORT": "9000",
-        "LLAMA3V_SERVE_MAX_CONCURRENT": "8",
+        "LLAMA3V_SERVE_MAX_BATCH": "8",
         "LLAMA3V_SERVE_NO_VERIFY_HASHES": "true",
         "LLAMA3V_SERVE_API_KEY_FILE": "",
         "LLAMA3V_API_KEY": "never-on-the-command-line",
@@ -191,6 +191,6 @@ def test_entrypoint_turns_the_environment_into_flags(tmp_path: Path):
     args = done.stdout.splitlines()
     print(args)
     assert args == [
-        "serve", "--max-concurrent", "8", "--no-verify-hashes", "--port", "9000",
+        "serve", "--max-batch", "8", "--no-verify-hashes", "--port", "9000",
         "--ep-option", "limits.max_context=256",
     ]  # fmt: skip

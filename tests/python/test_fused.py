@@ -72,12 +72,12 @@ def test_check_passes_in_every_decode_mode(fused, preset):
     inspected = llama3v("inspect", "--model", model_dir)
     assert inspected.returncode == 0, inspected.stderr
     assert "decoder    fused flavour" in inspected.stdout
-    assert "decode     shared_buffer" in inspected.stdout
+    assert "KV cache   shared_buffer (" in inspected.stdout
     inspected = json.loads(llama3v("inspect", "--model", model_dir, "--json").stdout)
-    assert (inspected["decoder_flavour"], inspected["decode_step"]) == ("fused", "shared_buffer")
-    # Shared buffers (the default), plain runs (a new present each run), and a prefill in chunks of 5 appended
-    # in place.
-    for options in ([], ["--ep-option", "decode.io_binding=false"], ["--ep-option", "limits.prefill_chunk=5"]):
+    assert (inspected["decoder_flavour"], inspected["kv_layout"]) == ("fused", "shared_buffer")
+    # Prefill in one run and in runs of 5 (plain runs, each returning a new present), then decode appending in
+    # place to the shared buffers.
+    for options in ([], ["--ep-option", "decode.prefill_chunk=0"], ["--ep-option", "decode.prefill_chunk=5"]):
         report = json.loads(llama3v("check", "--model", model_dir, *options, "--json").stdout)
         for case in report["cases"]:
             for m in case["measures"]:

@@ -1,5 +1,6 @@
-//! `POST /v1/chat/completions`: validate, admit (or 429), wait for a slot, generate on a blocking thread,
-//! and answer with one JSON object or a stream of server-sent events.
+//! `POST /v1/chat/completions`: validate, admit (or 429), wait for a slot, decode images and build the
+//! prompt on a blocking thread, hand the job to the batch engine, and answer with one JSON object or a
+//! stream of server-sent events.
 
 use std::convert::Infallible;
 use std::ops::ControlFlow;
@@ -16,8 +17,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, StreamExt};
 use llama3v::chat_template::{ChatMessage, ContentPart};
-use llama3v::generate::{FinishReason, Generation, Request};
+use llama3v::engine::Job as EngineJob;
+use llama3v::generate::{FinishReason, Generation, Timings};
+use llama3v::request::{admit, resolve_sampling, SamplingRequest};
 use llama3v::sampling::SamplingParams;
+use llama3v::sequence::Sink;
 use llama3v::Model;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -29,8 +33,6 @@ use super::AppState;
 const ENDPOINT: &str = "/v1/chat/completions";
 /// OpenAI's limit on stop sequences.
 const MAX_STOP_STRINGS: usize = 4;
-/// Text pieces buffered between the generating thread and a slow client before generation waits.
-const STREAM_BUFFER: usize = 64;
 
 /// A validated request, ready to run.
 struct Job {
@@ -44,7 +46,8 @@ struct Job {
     stream: bool,
 }
 
-/// What the generating thread tells the handler.
+/// What the engine tells the handler. The channel is unbounded so the engine never waits for a slow
+/// client; what it holds is bounded by the request's token budget.
 enum Event {
     /// Images decoded and the prompt fits: the reply can start.
     Started {
@@ -110,13 +113,22 @@ async fn handle(
         created: super::unix_now(),
         model: state.model_name.clone(),
     };
-    let (tx, mut rx) = mpsc::channel(STREAM_BUFFER);
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let job_state = Arc::clone(state);
     let id = header.id.clone();
     tokio::task::spawn_blocking(move || {
-        let _held = (ticket, slot);
-        if let Err(err) = execute(&job_state, &model, job, &tx, &id) {
-            let _ = tx.blocking_send(Event::Failed(err));
+        let sink = ReplySink {
+            tx: tx.clone(),
+            state: Arc::clone(&job_state),
+            id,
+            stream: job.stream,
+            start: queued_at,
+            first_token: None,
+            _held: (ticket, slot),
+        };
+        if let Err((sink, err)) = prepare(&job_state, &model, job, sink) {
+            drop(sink);
+            let _ = tx.send(Event::Failed(err));
         }
     });
 
@@ -177,13 +189,13 @@ fn validate(
         }
     }
     let (messages, image_urls) = messages(request.messages)?;
-    if image_urls.len() > state.limits.max_images {
+    let max_images = model.limits().max_images;
+    if image_urls.len() > max_images {
         return Err(ApiError::invalid_param(
             "messages",
             format!(
-                "the request has {} images, more than the limit of {}",
+                "the request has {} images, more than the limit of {max_images}",
                 image_urls.len(),
-                state.limits.max_images
             ),
         ));
     }
@@ -206,25 +218,17 @@ fn validate(
             ),
         ));
     }
-    let defaults = &model.manifest.generation;
-    let samples = defaults.do_sample.unwrap_or(false);
-    // The request wins; otherwise the checkpoint's generation_config, as `llama3v generate` does.
-    let sampling = SamplingParams {
-        temperature: request.temperature.unwrap_or(if samples {
-            defaults.temperature.unwrap_or(1.0)
-        } else {
-            0.0
-        }),
-        top_k: request
-            .top_k
-            .or(if samples { defaults.top_k } else { None }),
-        top_p: request
-            .top_p
-            .or(if samples { defaults.top_p } else { None }),
-        repetition_penalty: request.repetition_penalty.unwrap_or(1.0),
-        seed: request.seed,
-    };
-    sampling.validate().map_err(ApiError::from)?;
+    let sampling = resolve_sampling(
+        &SamplingRequest {
+            temperature: request.temperature,
+            top_k: request.top_k,
+            top_p: request.top_p,
+            repetition_penalty: request.repetition_penalty,
+            seed: request.seed,
+        },
+        &model.manifest.generation,
+    )
+    .map_err(ApiError::from)?;
     Ok(Job {
         messages,
         image_urls,
@@ -292,84 +296,142 @@ fn messages(input: Vec<api::Message>) -> Result<(Vec<ChatMessage>, Vec<String>),
     Ok((messages, urls))
 }
 
-/// Runs on a blocking thread: images, prompt, generation. Sends `Started` once the prompt is known to
-/// fit, text pieces while streaming, and `Done` at the end.
-fn execute(
+/// Runs on a blocking thread: images, prompt and admission checks, then the job goes to the batch
+/// engine. Sends `Started` once the prompt is known to fit; the sink sends the rest.
+fn prepare(
     state: &AppState,
     model: &Model,
     job: Job,
-    tx: &mpsc::Sender<Event>,
-    id: &str,
-) -> Result<(), ApiError> {
-    let start = Instant::now();
+    sink: ReplySink,
+) -> Result<(), (ReplySink, ApiError)> {
+    let submitted = Instant::now();
     if state.cancel_all.load(Ordering::SeqCst) {
-        return Err(ApiError::unavailable("the server is shutting down"));
+        return Err((sink, ApiError::unavailable("the server is shutting down")));
     }
-    let images = job
-        .image_urls
-        .iter()
-        .enumerate()
-        .map(|(i, url)| state.images.load(i, url))
-        .collect::<Result<Vec<_>, _>>()?;
-    let prompt = model.prompt_ids(&job.messages, images.len())?;
-    let context = model.max_context();
-    let room = context.saturating_sub(prompt.len());
-    let max_new_tokens = job
-        .max_tokens
-        .unwrap_or_else(|| state.limits.max_tokens.min(room));
-    if max_new_tokens == 0 || prompt.len() + max_new_tokens > context {
-        return Err(ApiError::from(llama3v::Error::ContextOverflow {
-            prompt_tokens: prompt.len(),
-            max_new_tokens: max_new_tokens.max(1),
-            max_context: context,
-        }));
-    }
-    if tx
-        .blocking_send(Event::Started {
+    // A client that went away stops the work at the next stage boundary: between images, before the
+    // prompt, before the engine (which checks again before vision and between prefill chunks).
+    let gone = || ApiError::unavailable("the client went away");
+    let built = (|| {
+        let mut images = Vec::with_capacity(job.image_urls.len());
+        for (i, url) in job.image_urls.iter().enumerate() {
+            if sink.is_cancelled() {
+                return Err(gone());
+            }
+            images.push(state.images.load(i, url)?);
+        }
+        if sink.is_cancelled() {
+            return Err(gone());
+        }
+        let prompt = model.prompt_ids(&job.messages, images.len())?;
+        let room = model.limits().max_context.saturating_sub(prompt.len());
+        let max_new_tokens = job
+            .max_tokens
+            .unwrap_or_else(|| state.limits.max_tokens.min(room).max(1));
+        admit(model, prompt.len(), images.len(), max_new_tokens)?;
+        if let Some(engine) = state.engine() {
+            engine.config().check_need(prompt.len(), max_new_tokens)?;
+        }
+        let t = Instant::now();
+        let pixel_values = model.pixel_values(&images);
+        let timings = Timings {
+            preprocess_ms: t.elapsed().as_secs_f64() * 1e3,
+            ..Timings::default()
+        };
+        Ok::<_, ApiError>((prompt, pixel_values, images.len(), max_new_tokens, timings))
+    })();
+    let (prompt, pixel_values, images, max_new_tokens, timings) = match built {
+        Ok(parts) => parts,
+        Err(err) => return Err((sink, err)),
+    };
+    if sink
+        .tx
+        .send(Event::Started {
             prompt_tokens: prompt.len(),
         })
         .is_err()
     {
         return Ok(());
     }
-
-    let request = Request {
-        messages: &job.messages,
-        images: &images,
+    let Some(engine) = state.engine() else {
+        return Err((sink, ApiError::unavailable("the model is still loading")));
+    };
+    let job = EngineJob {
+        prompt,
+        pixel_values,
+        images,
         max_new_tokens,
         sampling: job.sampling,
+        stop_strings: job.stop,
         ignore_stop: job.ignore_eos,
+        timings,
+        submitted,
+        sink: Box::new(sink) as llama3v::sequence::BoxedSink,
     };
-    let mut first_token: Option<f64> = None;
-    let generation = model.generate_until(&request, &job.stop, &mut |piece| {
-        first_token.get_or_insert_with(|| start.elapsed().as_secs_f64());
-        // A dropped receiver means the client went away (the response stream or the handler was
-        // dropped): stop at this step and free the KV cache.
-        if state.cancel_all.load(Ordering::SeqCst) || tx.is_closed() {
+    if let Err(job) = engine.submit(job) {
+        job.sink
+            .finish(Err(llama3v::Error::Ort("the engine has stopped".into())));
+    }
+    Ok(())
+}
+
+/// Hands a generation's text to its handler as the engine makes it; holds the request's ticket and
+/// slot until the generation ends.
+struct ReplySink {
+    tx: mpsc::UnboundedSender<Event>,
+    state: Arc<AppState>,
+    id: String,
+    stream: bool,
+    start: Instant,
+    first_token: Option<f64>,
+    _held: (super::Ticket, super::Slot),
+}
+
+impl Sink for ReplySink {
+    fn on_text(&mut self, piece: &str) -> ControlFlow<()> {
+        let start = self.start;
+        self.first_token
+            .get_or_insert_with(|| start.elapsed().as_secs_f64());
+        // A closed receiver means the client went away (the response stream or the handler was
+        // dropped): stop at this step and free the sequence's row.
+        if self.is_cancelled() {
             return ControlFlow::Break(());
         }
-        if job.stream && !piece.is_empty() && tx.blocking_send(Event::Text(piece.into())).is_err() {
+        if self.stream && !piece.is_empty() && self.tx.send(Event::Text(piece.into())).is_err() {
             return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
-    })?;
-    let finish = finish_reason(generation.finish_reason);
-    let seconds = start.elapsed().as_secs_f64();
-    state.metrics.observe_generation(
-        generation.prompt_tokens.len(),
-        generation.tokens.len(),
-        finish,
-        first_token,
-        seconds,
-    );
-    eprintln!(
-        "{id}: {} prompt + {} completion tokens, {finish}, {:.0} ms",
-        generation.prompt_tokens.len(),
-        generation.tokens.len(),
-        seconds * 1e3
-    );
-    let _ = tx.blocking_send(Event::Done(generation));
-    Ok(())
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.state.cancel_all.load(Ordering::SeqCst) || self.tx.is_closed()
+    }
+
+    fn finish(self, result: llama3v::Result<Generation>) {
+        let generation = match result {
+            Ok(generation) => generation,
+            Err(err) => {
+                let _ = self.tx.send(Event::Failed(ApiError::from(err)));
+                return;
+            }
+        };
+        let finish = finish_reason(generation.finish_reason);
+        let seconds = self.start.elapsed().as_secs_f64();
+        self.state.metrics.observe_generation(
+            generation.prompt_tokens.len(),
+            generation.tokens.len(),
+            finish,
+            self.first_token,
+            seconds,
+        );
+        eprintln!(
+            "{}: {} prompt + {} completion tokens, {finish}, {:.0} ms",
+            self.id,
+            generation.prompt_tokens.len(),
+            generation.tokens.len(),
+            seconds * 1e3
+        );
+        let _ = self.tx.send(Event::Done(generation));
+    }
 }
 
 fn finish_reason(reason: FinishReason) -> &'static str {
@@ -386,7 +448,7 @@ fn cancelled_error() -> ApiError {
 }
 
 async fn json_reply(
-    mut rx: mpsc::Receiver<Event>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
     header: &ReplyHeader,
     prompt_tokens: usize,
 ) -> Result<Response, ApiError> {
@@ -428,7 +490,7 @@ fn error_events(err: &ApiError) -> Vec<SseEvent> {
 /// reason, the usage chunk if asked for, then `[DONE]`. Dropping the stream (the client went away)
 /// drops `rx`, which the generating thread notices at its next step.
 fn sse_reply(
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
     header: ReplyHeader,
     prompt_tokens: usize,
     include_usage: bool,

@@ -116,6 +116,12 @@ impl From<llama3v::Error> for ApiError {
                 code: Some("invalid_value"),
                 ..Self::bad_request(message)
             },
+            // A request beyond the configured limits, or one that could never fit the KV budget.
+            E::Admission(_) => ApiError {
+                code: Some("request_too_large"),
+                param: Some("messages"),
+                ..Self::bad_request(message)
+            },
             // The template raises on message structures it does not accept (e.g. roles out of order).
             E::ChatTemplate(_) => ApiError {
                 param: Some("messages"),

@@ -5,33 +5,54 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
+use llama3v::engine::{EngineStats, StepReport};
+
 /// Upper bounds (seconds) of the latency buckets: from a cached-prompt first token to a long reply.
 const BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-#[derive(Debug, Clone, Default)]
+/// Upper bounds of the batch-size buckets (sequences in one decoder run).
+const BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+#[derive(Debug, Clone)]
 struct Histogram {
-    /// Cumulative count per bucket of `BUCKETS`.
-    counts: [u64; BUCKETS.len()],
+    bounds: &'static [f64],
+    /// Cumulative count per bucket of `bounds`.
+    counts: Vec<u64>,
     sum: f64,
     count: u64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new(&BUCKETS)
+    }
+}
+
 impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (bound, count) in BUCKETS.iter().zip(self.counts.iter_mut()) {
-            if seconds <= *bound {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe(&mut self, value: f64) {
+        for (bound, count) in self.bounds.iter().zip(self.counts.iter_mut()) {
+            if value <= *bound {
                 *count += 1;
             }
         }
-        self.sum += seconds;
+        self.sum += value;
         self.count += 1;
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         header(out, name, "histogram", help);
-        for (bound, count) in BUCKETS.iter().zip(self.counts.iter()) {
+        for (bound, count) in self.bounds.iter().zip(self.counts.iter()) {
             let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
         }
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
@@ -40,7 +61,7 @@ impl Histogram {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     /// (endpoint, status) -> count.
     requests: BTreeMap<(String, u16), u64>,
@@ -51,6 +72,24 @@ struct Inner {
     request_seconds: Histogram,
     ttft_seconds: Histogram,
     queue_seconds: Histogram,
+    inter_token_seconds: Histogram,
+    batch_rows: Histogram,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            requests: BTreeMap::new(),
+            finished: BTreeMap::new(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            request_seconds: Histogram::default(),
+            ttft_seconds: Histogram::default(),
+            queue_seconds: Histogram::default(),
+            inter_token_seconds: Histogram::default(),
+            batch_rows: Histogram::new(&BATCH_BUCKETS),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -62,12 +101,14 @@ pub struct Metrics {
 pub struct Gauges {
     pub running: usize,
     pub queued: usize,
-    /// `--max-concurrent` and `--max-queue`: the capacity `running` and `queued` are measured against.
+    /// `--max-batch` and `--max-queue`: the capacity `running` and `queued` are measured against.
     pub max_running: usize,
     pub max_queued: usize,
     pub ready: bool,
     /// Set from SIGTERM until exit.
     pub draining: bool,
+    /// The batch engine's state, once the model is loaded.
+    pub engine: Option<EngineStats>,
 }
 
 impl Metrics {
@@ -82,6 +123,16 @@ impl Metrics {
             *m.requests
                 .entry((endpoint.to_string(), status))
                 .or_default() += 1
+        });
+    }
+
+    /// One decode step of the batch engine: how many sequences it ran and their inter-token latencies.
+    pub fn observe_step(&self, report: &StepReport) {
+        self.with(|m| {
+            m.batch_rows.observe(report.rows as f64);
+            for gap in &report.inter_token {
+                m.inter_token_seconds.observe(gap.as_secs_f64());
+            }
         });
     }
 
@@ -166,6 +217,17 @@ impl Metrics {
                 "llama3v_queue_wait_seconds",
                 "Time a request waited for a generation slot.",
             );
+            m.inter_token_seconds.render(
+                &mut out,
+                "llama3v_inter_token_latency_seconds",
+                "Time between two tokens of one sequence (decode steps and the prefill chunks between \
+                 them).",
+            );
+            m.batch_rows.render(
+                &mut out,
+                "llama3v_batch_size",
+                "Sequences in each decoder run of the batch engine.",
+            );
         });
         single(
             &mut out,
@@ -181,12 +243,15 @@ impl Metrics {
             "Requests waiting for a generation slot.",
             gauges.queued,
         );
+        if let Some(engine) = &gauges.engine {
+            engine_gauges(&mut out, engine);
+        }
         single(
             &mut out,
             "llama3v_max_concurrent",
             "gauge",
-            "Generations that may run at once (--max-concurrent): the capacity llama3v_requests_running \
-             is measured against; an autoscaler's target per replica.",
+            "Requests that may run at once (--max-batch, alias --max-concurrent): the capacity \
+             llama3v_requests_running is measured against; an autoscaler's target per replica.",
             gauges.max_running,
         );
         single(
@@ -212,6 +277,54 @@ impl Metrics {
         );
         out
     }
+}
+
+/// The batch engine's gauges: sequences by stage, the batch's capacity and its KV cache against the
+/// budget.
+fn engine_gauges(out: &mut String, engine: &EngineStats) {
+    single(
+        out,
+        "llama3v_sequences_decoding",
+        "gauge",
+        "Sequences in the decoding batch.",
+        engine.decoding,
+    );
+    single(
+        out,
+        "llama3v_sequences_prefilling",
+        "gauge",
+        "Sequences whose prompt is being prefilled.",
+        engine.prefilling,
+    );
+    single(
+        out,
+        "llama3v_sequences_waiting",
+        "gauge",
+        "Requests waiting in the engine for a batch row or KV budget.",
+        engine.waiting,
+    );
+    single(
+        out,
+        "llama3v_max_batch",
+        "gauge",
+        "Most sequences in one decoder run (--max-batch).",
+        engine.max_batch,
+    );
+    let bytes = engine.kv_bytes_per_position;
+    single(
+        out,
+        "llama3v_kv_cache_bytes",
+        "gauge",
+        "KV cache allocated for the decoding batch (rows x widest row).",
+        engine.kv_positions * bytes,
+    );
+    single(
+        out,
+        "llama3v_kv_budget_bytes",
+        "gauge",
+        "KV cache budget (--kv-budget positions).",
+        engine.kv_budget * bytes,
+    );
 }
 
 /// A metric's `# HELP` and `# TYPE` lines.

@@ -1,11 +1,11 @@
 //! `llama3v serve`: an OpenAI-compatible HTTP server over one shared model.
 //!
 //! The socket is bound first and the model loads in the background (`/health` answers 503 until it is
-//! ready). Requests share one `Arc<Model>`; each generation runs on a blocking thread and streams its
-//! text through a channel. At most `--max-concurrent` generations run at once, `--max-queue` more wait,
-//! and beyond that requests get 429. SIGTERM/SIGINT turn `/health` to 503 and answer new requests 503
-//! with `Retry-After` (`drain`), let in-flight requests finish within `--shutdown-grace-secs`, cancel
-//! what is left at its next step and exit 0.
+//! ready). Every generation runs through one batch engine on its own thread (`llama3v::engine`): up to
+//! `--max-batch` sequences decode together, one decoder run per step, within the `--kv-budget`;
+//! `--max-queue` more requests wait, and beyond that requests get 429. SIGTERM/SIGINT turn `/health` to
+//! 503 and answer new requests 503 with `Retry-After` (`drain`), let in-flight requests finish within
+//! `--shutdown-grace-secs`, cancel what is left at its next step and exit 0.
 
 mod api;
 mod auth;
@@ -30,6 +30,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use clap::Args;
+use llama3v::engine::{EngineConfig, EngineThread};
+use llama3v::ep_config::DEFAULT_MAX_BATCH;
 use llama3v::preprocess::DecodeLimits;
 use llama3v::Model;
 use serde_json::json;
@@ -55,18 +57,22 @@ pub struct ServeArgs {
     /// Model id reported by /v1/models and in replies [default: the model directory's name]
     #[arg(long)]
     pub served_model_name: Option<String>,
-    /// Generations that run at the same time over the shared model
-    #[arg(long, default_value_t = 4)]
-    pub max_concurrent: usize,
+    /// Sequences decoded together in one decoder run, 1 = one request at a time [default: the model's
+    /// limits.max_batch, 8]
+    #[arg(long, alias = "max-concurrent")]
+    pub max_batch: Option<usize>,
+    /// KV cache positions the decoding batch may hold, padding included [default: 4 x the model's context]
+    #[arg(long)]
+    pub kv_budget: Option<usize>,
     /// Requests that may wait for a generation slot; more get 429
     #[arg(long, default_value_t = 32)]
     pub max_queue: usize,
     /// Largest request body in bytes (images travel inside it as data URLs)
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Most images in one request
-    #[arg(long, default_value_t = 8)]
-    pub max_images: usize,
+    /// Most images in one request [default: the model's limits.max_images]
+    #[arg(long)]
+    pub max_images: Option<usize>,
     /// Largest max_tokens a request may ask for; also the default, capped by the room left in the context
     #[arg(long, default_value_t = 1024)]
     pub max_tokens: usize,
@@ -96,7 +102,6 @@ pub struct ServeArgs {
 /// Limits a request is checked against before it is admitted.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    pub max_images: usize,
     pub max_tokens: usize,
     pub max_body_bytes: usize,
 }
@@ -178,6 +183,7 @@ impl Drop for Slot {
 
 pub struct AppState {
     model: OnceLock<Arc<Model>>,
+    engine: OnceLock<EngineThread>,
     pub model_name: String,
     pub created: u64,
     pub limits: Limits,
@@ -196,6 +202,10 @@ pub struct AppState {
 impl AppState {
     pub fn model(&self) -> Option<Arc<Model>> {
         self.model.get().cloned()
+    }
+
+    pub fn engine(&self) -> Option<&EngineThread> {
+        self.engine.get()
     }
 
     pub fn next_request_id(&self) -> String {
@@ -229,8 +239,8 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
 }
 
 fn app_state(args: &ServeArgs) -> Result<AppState> {
-    if args.max_concurrent == 0 {
-        return Err(anyhow!("--max-concurrent must be at least 1"));
+    if args.max_batch == Some(0) {
+        return Err(anyhow!("--max-batch must be at least 1"));
     }
     let allowed_dir = args
         .allowed_image_dir
@@ -250,10 +260,10 @@ fn app_state(args: &ServeArgs) -> Result<AppState> {
     });
     Ok(AppState {
         model: OnceLock::new(),
+        engine: OnceLock::new(),
         model_name,
         created: unix_now(),
         limits: Limits {
-            max_images: args.max_images,
             max_tokens: args.max_tokens,
             max_body_bytes: args.max_body_bytes,
         },
@@ -265,7 +275,10 @@ fn app_state(args: &ServeArgs) -> Result<AppState> {
                 ..DecodeLimits::default()
             },
         },
-        scheduler: Arc::new(Scheduler::new(args.max_concurrent, args.max_queue)),
+        scheduler: Arc::new(Scheduler::new(
+            args.max_batch.unwrap_or(DEFAULT_MAX_BATCH),
+            args.max_queue,
+        )),
         metrics: Metrics::default(),
         cancel_all: AtomicBool::new(false),
         shutting_down: AtomicBool::new(false),
@@ -315,7 +328,19 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode> {
     }
 
     let (stop_tx, stop_rx) = watch::channel(None::<StopReason>);
-    spawn_model_loader(&state, args.model.clone(), stop_tx.clone());
+    let mut model_args = args.model.clone();
+    // Request limits live in the model's options, where admission reads them.
+    if let Some(max_images) = args.max_images {
+        model_args
+            .ep_option
+            .push(format!("limits.max_images={max_images}"));
+    }
+    if let Some(max_batch) = args.max_batch {
+        model_args
+            .ep_option
+            .push(format!("limits.max_batch={max_batch}"));
+    }
+    spawn_model_loader(&state, model_args, engine_config(args), stop_tx.clone());
     spawn_signal_listener(stop_tx);
 
     let server = axum::serve(listener, router(Arc::clone(&state)))
@@ -359,9 +384,19 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode> {
     }
 }
 
+/// The engine's settings from the loaded model's limits and the flags.
+fn engine_config(args: &ServeArgs) -> impl Fn(&Model) -> EngineConfig {
+    let kv_budget = args.kv_budget;
+    move |model| EngineConfig {
+        max_batch: model.limits().max_batch,
+        kv_budget: kv_budget.unwrap_or(4 * model.max_context()),
+    }
+}
+
 fn spawn_model_loader(
     state: &Arc<AppState>,
     model_args: ModelArgs,
+    config: impl Fn(&Model) -> EngineConfig + Send + 'static,
     stop: watch::Sender<Option<StopReason>>,
 ) {
     let state = Arc::clone(state);
@@ -370,9 +405,27 @@ fn spawn_model_loader(
         let loaded = tokio::task::spawn_blocking(move || model_args.load()).await;
         let failure = match loaded {
             Ok(Ok(model)) => {
-                let _ = state.model.set(Arc::new(model));
-                eprintln!("llama3v serve: model {} ready", dir.display());
-                return;
+                let model = Arc::new(model);
+                let config = config(&model);
+                let metrics = Arc::clone(&state);
+                let engine = EngineThread::spawn(Arc::clone(&model), config, move |report| {
+                    metrics.metrics.observe_step(report)
+                });
+                match engine {
+                    Ok(engine) => {
+                        let _ = state.engine.set(engine);
+                        let _ = state.model.set(model);
+                        eprintln!(
+                            "llama3v serve: model {} ready; batch of up to {} sequences, KV budget {} \
+                             positions",
+                            dir.display(),
+                            config.max_batch,
+                            config.kv_budget
+                        );
+                        return;
+                    }
+                    Err(err) => format!("{err}"),
+                }
             }
             Ok(Err(err)) => format!("{err:#}"),
             Err(join) => format!("loading model {}: {join}", dir.display()),
@@ -461,6 +514,7 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
         max_queued: state.scheduler.max_queued,
         ready: state.model.get().is_some(),
         draining: state.shutting_down.load(Ordering::SeqCst),
+        engine: state.engine().map(EngineThread::stats),
     });
     (
         [(

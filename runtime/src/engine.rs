@@ -1,0 +1,512 @@
+//! The batch engine: every generation, one or many, runs through it. It owns the sequences that are
+//! decoding and runs the loop for all of them: each step is ONE decoder run over every decoding
+//! sequence, then per-sequence sampling.
+//!
+//! Scheduling, one iteration at a time ([`Engine::iterate`]):
+//! 1. Waiting requests whose client went away are dropped.
+//! 2. Admission: when no prompt is being prefilled, the oldest waiting request starts if the batch has
+//!    a free row (`max_batch`) and the KV budget holds it (below). Requests start in arrival order.
+//! 3. Prefill: the request being admitted gets its images through the vision graph and then at most
+//!    ONE chunk of its prompt (`prefill_chunk` tokens) through the decoder, batch 1. When its prompt is
+//!    done it samples its first token and joins the batch.
+//! 4. Decode: one decoder run over every row, one new position each; sequences that finish (stop id,
+//!    stop string, token budget) or are cancelled leave the batch at once.
+//!
+//! The policy's trade-off: a running stream waits at most one prefill chunk (plus a new request's
+//! vision run) between two of its tokens, so a smaller chunk keeps inter-token latency low while a
+//! long prompt takes more iterations to reach its first token. `prefill_chunk = 0` prefills a prompt
+//! in one run: the best time to first token, the longest stall for the others.
+//!
+//! KV budget: the engine holds at most `kv_budget` cached positions over all rows. Both cache layouts
+//! allocate every row as wide as the widest need (prompt + max new tokens) among the rows, so a request
+//! is admitted when `(rows + 1) x max(widest need, its need) <= kv_budget`; otherwise it waits until
+//! rows leave. A request whose own need exceeds the budget could never start and is refused.
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::decode::{bytes_per_position, new_batch, KvBatch, Prefill};
+use crate::embed::embed_tokens;
+use crate::error::{Error, Result};
+use crate::generate::{FinishReason, Timings};
+use crate::model::Model;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::sequence::{ms, BoxedSink, Sequence, Sink, Stops};
+
+/// How many sequences decode together and how much cache they may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Most sequences in one decoder run.
+    pub max_batch: usize,
+    /// Most cached positions over all rows (padding included); see the module's notes.
+    pub kv_budget: usize,
+}
+
+impl EngineConfig {
+    /// Refuses a request whose cache need (prompt + max new tokens) exceeds the budget: it could never
+    /// start. Anything smaller waits for room if it must.
+    pub fn check_need(&self, prompt_tokens: usize, max_new_tokens: usize) -> Result<()> {
+        let need = prompt_tokens + max_new_tokens;
+        if need > self.kv_budget {
+            return Err(Error::Admission(format!(
+                "the request needs {need} cache positions (prompt {prompt_tokens} + max new tokens \
+                 {max_new_tokens}), the KV budget is {}",
+                self.kv_budget
+            )));
+        }
+        Ok(())
+    }
+
+    /// One sequence at a time, with the model's whole context: the CLI's `generate`.
+    pub fn single(model: &Model) -> EngineConfig {
+        EngineConfig {
+            max_batch: 1,
+            kv_budget: model.max_context(),
+        }
+    }
+}
+
+/// A request ready to run: prompt ids, preprocessed images, its options and where its text goes.
+pub struct Job<S> {
+    pub prompt: Vec<u32>,
+    /// Pixel values of `images` images, CHW each, concatenated ([`Model::pixel_values`]).
+    pub pixel_values: Vec<f32>,
+    pub images: usize,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_strings: Vec<String>,
+    pub ignore_stop: bool,
+    /// Timings measured before submission (preprocessing).
+    pub timings: Timings,
+    /// When the request arrived: time to first token counts from here.
+    pub submitted: Instant,
+    pub sink: S,
+}
+
+impl<S> Job<S> {
+    /// Cache positions the request may fill: its prompt and every token it may generate.
+    pub fn kv_need(&self) -> usize {
+        self.prompt.len() + self.max_new_tokens
+    }
+}
+
+/// What one decode step did, for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct StepReport {
+    pub rows: usize,
+    pub step: Duration,
+    /// Time between each sequence's previous token and this one (sequences past their first).
+    pub inter_token: Vec<Duration>,
+}
+
+/// Gauges of the engine's state, published after each iteration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub waiting: usize,
+    pub prefilling: usize,
+    pub decoding: usize,
+    /// Cached positions allocated (rows x widest row) and the budget they count against.
+    pub kv_positions: usize,
+    pub kv_budget: usize,
+    pub kv_bytes_per_position: usize,
+    pub max_batch: usize,
+}
+
+struct Prefilling<'t, S> {
+    sequence: Sequence<'t, S>,
+    embeds: Vec<f32>,
+    /// Prompt rows prefilled so far.
+    done: usize,
+    prefill: Prefill,
+    reserve: usize,
+    started: Instant,
+}
+
+pub struct Engine<'m, S> {
+    model: &'m Model,
+    config: EngineConfig,
+    waiting: VecDeque<Job<S>>,
+    prefilling: Option<Prefilling<'m, S>>,
+    batch: Box<dyn KvBatch>,
+    running: Vec<Sequence<'m, S>>,
+    /// Needs (prompt + max new tokens) of the running rows, in row order.
+    needs: Vec<usize>,
+    logits: Vec<f32>,
+    on_step: Option<Box<dyn FnMut(&StepReport) + Send + 'm>>,
+}
+
+impl<'m, S: Sink> Engine<'m, S> {
+    pub fn new(model: &'m Model, config: EngineConfig) -> Engine<'m, S> {
+        Engine {
+            model,
+            config: EngineConfig {
+                max_batch: config.max_batch.max(1),
+                kv_budget: config.kv_budget,
+            },
+            waiting: VecDeque::new(),
+            prefilling: None,
+            batch: new_batch(
+                model.manifest.decoder_flavour,
+                &model.manifest.model,
+                model.manifest.float_dtype(),
+            ),
+            running: Vec::new(),
+            needs: Vec::new(),
+            logits: Vec::new(),
+            on_step: None,
+        }
+    }
+
+    /// Called after every decode step with what it did.
+    pub fn on_step(&mut self, report: impl FnMut(&StepReport) + Send + 'm) {
+        self.on_step = Some(Box::new(report));
+    }
+
+    /// Queues a request. One that could never start (its cache need exceeds the budget) ends at once
+    /// with an error naming both numbers.
+    pub fn submit(&mut self, job: Job<S>) {
+        match self.config.check_need(job.prompt.len(), job.max_new_tokens) {
+            Ok(()) => self.waiting.push_back(job),
+            Err(err) => job.sink.finish(Err(err)),
+        }
+    }
+
+    /// Nothing waits, prefills or decodes.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.prefilling.is_none() && self.running.is_empty()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let model = &self.model.manifest;
+        EngineStats {
+            waiting: self.waiting.len(),
+            prefilling: usize::from(self.prefilling.is_some()),
+            decoding: self.running.len(),
+            kv_positions: self.batch.rows() * self.batch.allocated_positions(),
+            kv_budget: self.config.kv_budget,
+            kv_bytes_per_position: bytes_per_position(&model.model, model.float_dtype()),
+            max_batch: self.config.max_batch,
+        }
+    }
+
+    /// One scheduling iteration (module notes).
+    pub fn iterate(&mut self) {
+        self.drop_cancelled();
+        if self.prefilling.is_none() {
+            self.admit();
+        }
+        if self.prefilling.is_some() {
+            self.prefill_chunk();
+        }
+        if !self.running.is_empty() {
+            self.decode_step();
+        }
+    }
+
+    /// Runs until every submitted request has ended.
+    pub fn run_to_completion(&mut self) {
+        while !self.is_idle() {
+            self.iterate();
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let (cancelled, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|job| job.sink.is_cancelled());
+        self.waiting = waiting.into();
+        for job in cancelled {
+            match self.sequence(job) {
+                Ok((sequence, ..)) => sequence.finish(FinishReason::Cancelled),
+                Err((sink, err)) => sink.finish(Err(err)),
+            }
+        }
+    }
+
+    /// Whether a request of `need` positions fits the budget beside the running rows.
+    fn fits(&self, need: usize) -> bool {
+        let widest = self.needs.iter().copied().fold(need, usize::max);
+        let rows = self.running.len() + 1;
+        rows <= self.config.max_batch && rows.saturating_mul(widest) <= self.config.kv_budget
+    }
+
+    fn sequence(
+        &self,
+        job: Job<S>,
+    ) -> std::result::Result<(Sequence<'m, S>, Vec<f32>, usize, usize), (S, Error)> {
+        let Job {
+            prompt,
+            pixel_values,
+            images,
+            max_new_tokens,
+            sampling,
+            stop_strings,
+            ignore_stop,
+            mut timings,
+            submitted,
+            sink,
+        } = job;
+        timings.queue_ms = ms(submitted.elapsed());
+        let stops = Stops {
+            ids: self.model.manifest.text.stop_token_ids.clone(),
+            strings: stop_strings,
+            ignore_ids: ignore_stop,
+        };
+        let sampler = match Sampler::new(sampling) {
+            Ok(sampler) => sampler,
+            Err(err) => return Err((sink, err)),
+        };
+        let sequence = Sequence::new(
+            sink,
+            &self.model.tokenizer,
+            sampler,
+            prompt,
+            max_new_tokens,
+            stops,
+            timings,
+            submitted,
+        );
+        Ok((sequence, pixel_values, images, max_new_tokens))
+    }
+
+    /// Starts the oldest waiting request if it fits: its images through the vision graph, its prompt
+    /// embedded.
+    fn admit(&mut self) {
+        let Some(front) = self.waiting.front() else {
+            return;
+        };
+        if !self.fits(front.kv_need()) {
+            return;
+        }
+        let Some(job) = self.waiting.pop_front() else {
+            return;
+        };
+        let prompt = job.prompt.clone();
+        let (mut sequence, pixels, images, reserve) = match self.sequence(job) {
+            Ok(parts) => parts,
+            Err((sink, err)) => return sink.finish(Err(err)),
+        };
+        let sessions = &self.model.sessions;
+        let started = Instant::now();
+        let embeds = (|| {
+            let t = Instant::now();
+            let features = sessions.image_features(&pixels, images)?;
+            sequence.timings.vision_ms = ms(t.elapsed());
+            sessions.prompt_embeddings(&prompt, &features)
+        })();
+        match embeds {
+            Ok(embeds) => {
+                self.prefilling = Some(Prefilling {
+                    sequence,
+                    embeds,
+                    done: 0,
+                    prefill: Prefill::new(
+                        &self.model.manifest.model,
+                        self.model.manifest.float_dtype(),
+                    ),
+                    reserve,
+                    started,
+                })
+            }
+            Err(err) => sequence.sink.finish(Err(err)),
+        }
+    }
+
+    /// One chunk of the admitted prompt; when the prompt is done, its first token, and the sequence
+    /// joins the batch.
+    fn prefill_chunk(&mut self) {
+        let Some(mut p) = self.prefilling.take() else {
+            return;
+        };
+        if p.sequence.sink.is_cancelled() {
+            return p.sequence.finish(FinishReason::Cancelled);
+        }
+        let hidden = self.model.manifest.model.hidden_size;
+        let rows = p.embeds.len() / hidden.max(1);
+        let chunk = match self.model.sessions.prefill_chunk() {
+            0 => rows,
+            chunk => chunk,
+        };
+        let end = rows.min(p.done + chunk);
+        let decoder = &self.model.sessions.decoder;
+        let run = p.prefill.run(
+            decoder,
+            &p.embeds[p.done * hidden..end * hidden],
+            end - p.done,
+            &mut self.logits,
+        );
+        if let Err(err) = run {
+            return p.sequence.sink.finish(Err(err));
+        }
+        p.done = end;
+        if p.done < rows {
+            self.prefilling = Some(p);
+            return;
+        }
+        p.sequence.timings.prefill_ms = ms(p.started.elapsed()) - p.sequence.timings.vision_ms;
+        let Prefilling {
+            mut sequence,
+            prefill,
+            reserve,
+            ..
+        } = p;
+        match sequence.advance(&self.logits) {
+            Err(err) => sequence.sink.finish(Err(err)),
+            Ok((Some(reason), _)) => sequence.finish(reason),
+            Ok((None, _)) => {
+                let need = rows + reserve;
+                let joined = prefill
+                    .finish()
+                    .and_then(|kv| self.batch.push(decoder, kv, reserve));
+                match joined {
+                    Ok(()) => {
+                        self.running.push(sequence);
+                        self.needs.push(need);
+                    }
+                    Err(err) => sequence.sink.finish(Err(err)),
+                }
+            }
+        }
+    }
+
+    /// One decoder run over every running row, then each row's token.
+    fn decode_step(&mut self) {
+        let started = Instant::now();
+        let tokens: Vec<u32> = self
+            .running
+            .iter()
+            .map(|s| s.last_token().unwrap_or_default())
+            .collect();
+        let sessions = &self.model.sessions;
+        let run = embed_tokens(&sessions.embed, &tokens).and_then(|embeds| {
+            self.batch
+                .step(&sessions.decoder, &embeds, &mut self.logits)
+        });
+        if let Err(err) = run {
+            // The batch's cache is as it was before the run, but its sequences cannot go on.
+            for row in (0..self.running.len()).rev() {
+                let _ = self.batch.remove(&sessions.decoder, row);
+                self.needs.remove(row);
+                let sequence = self.running.remove(row);
+                sequence.sink.finish(Err(Error::Ort(err.to_string())));
+            }
+            return;
+        }
+        let vocab = self.logits.len() / self.running.len();
+        let mut report = StepReport {
+            rows: self.running.len(),
+            step: Duration::ZERO,
+            inter_token: Vec::with_capacity(self.running.len()),
+        };
+        let mut ended = Vec::new();
+        for (row, sequence) in self.running.iter_mut().enumerate() {
+            match sequence.advance(&self.logits[row * vocab..(row + 1) * vocab]) {
+                Ok((reason, gap)) => {
+                    report.inter_token.extend(gap);
+                    if let Some(reason) = reason {
+                        ended.push((row, Ok(reason)));
+                    }
+                }
+                Err(err) => ended.push((row, Err(err))),
+            }
+        }
+        for (row, outcome) in ended.into_iter().rev() {
+            let sequence = self.running.remove(row);
+            self.needs.remove(row);
+            let left = self.batch.remove(&sessions.decoder, row);
+            match (outcome, left) {
+                (Ok(reason), Ok(())) => sequence.finish(reason),
+                (Err(err), _) | (_, Err(err)) => sequence.sink.finish(Err(err)),
+            }
+        }
+        report.step = started.elapsed();
+        if let Some(on_step) = &mut self.on_step {
+            on_step(&report);
+        }
+    }
+}
+
+/// The engine on a thread of its own, for a server: ONNX Runtime's runs are synchronous, so request
+/// handlers submit jobs over a channel and receive their text through their sinks, which must not
+/// block (a slow client never stalls the batch).
+pub struct EngineThread {
+    config: EngineConfig,
+    jobs: Option<mpsc::Sender<Job<BoxedSink>>>,
+    stats: Arc<Mutex<EngineStats>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineThread {
+    /// Starts the engine over `model`; `on_step` sees every decode step.
+    pub fn spawn(
+        model: Arc<Model>,
+        config: EngineConfig,
+        on_step: impl FnMut(&StepReport) + Send + 'static,
+    ) -> Result<EngineThread> {
+        let (jobs, inbox) = mpsc::channel::<Job<BoxedSink>>();
+        let stats = Arc::new(Mutex::new(EngineStats::default()));
+        let published = Arc::clone(&stats);
+        let thread = std::thread::Builder::new()
+            .name("llama3v-engine".into())
+            .spawn(move || {
+                let mut engine = Engine::new(&model, config);
+                engine.on_step(on_step);
+                let publish = |engine: &Engine<'_, BoxedSink>| {
+                    *published.lock().unwrap_or_else(|p| p.into_inner()) = engine.stats();
+                };
+                publish(&engine);
+                loop {
+                    if engine.is_idle() {
+                        // Nothing to do until a job arrives; the channel closes when the server ends.
+                        match inbox.recv() {
+                            Ok(job) => engine.submit(job),
+                            Err(_) => return,
+                        }
+                    }
+                    while let Ok(job) = inbox.try_recv() {
+                        engine.submit(job);
+                    }
+                    publish(&engine);
+                    engine.iterate();
+                    publish(&engine);
+                }
+            })
+            .map_err(|e| Error::Ort(format!("starting the engine thread: {e}")))?;
+        Ok(EngineThread {
+            config,
+            jobs: Some(jobs),
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a job; an error hands the job back when the engine has stopped.
+    pub fn submit(&self, job: Job<BoxedSink>) -> std::result::Result<(), Job<BoxedSink>> {
+        match &self.jobs {
+            Some(jobs) => jobs.send(job).map_err(|e| e.0),
+            None => Err(job),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The engine's state after its last iteration.
+    pub fn stats(&self) -> EngineStats {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread once the engine has finished what it holds.
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
