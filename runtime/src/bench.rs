@@ -146,7 +146,7 @@ fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Peak resident set size of this process from /proc/self/status (`VmHWM`).
-pub fn peak_rss_bytes() -> Option<u64> {
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
     proc_status_bytes("VmHWM:")
 }
 
