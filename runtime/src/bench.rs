@@ -137,7 +137,7 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// Peak resident set size of this process from /proc/self/status (`VmHWM`).
-pub fn peak_rss_bytes() -> Option<u64> {
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
     proc_status_bytes("VmHWM:")
 }
 

@@ -20,12 +20,24 @@
 //! `string` filter use minijinja's formatting of lists and floats; `strftime_now` formats UTC, where
 //! Python formats local time; the `{% generation %}` tag (assistant-mask tracking) is not supported.
 
+use chrono::format::{Item, StrftimeItems};
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, ErrorKind, State, UndefinedBehavior};
+use serde::{Serialize, Serializer};
+use serde_json::ser::Formatter;
 
 use crate::error::{Error, Result};
 
 const TEMPLATE_NAME: &str = "chat_template";
+
+/// Instructions one render may run (minijinja's fuel). Rendering Llama-3.1's template for a
+/// conversation spends 34 a message (`renders_run_under_fuel_and_output_limits` prints it), and the
+/// whole budget runs in about 0.55 s; a template that loops without end stops here instead.
+pub const MAX_RENDER_FUEL: u64 = 5_000_000;
+/// Bytes a render may write beyond twice its messages' own text: a template adds headers and special
+/// tokens (a few hundred bytes a message), not megabytes, so a template that multiplies a string stops
+/// here instead of filling memory.
+pub const RENDER_OUTPUT_ALLOWANCE: usize = 1 << 20;
 
 /// One part of a message's content, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +107,7 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        env.set_fuel(Some(MAX_RENDER_FUEL));
         env.set_unknown_method_callback(unknown_method);
         env.set_formatter(python_formatter);
         env.add_filter("tojson", tojson);
@@ -114,8 +127,16 @@ impl ChatTemplate {
 
     /// Renders `messages`; `add_generation_prompt` appends the assistant header (if the template does).
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let text_bytes = messages
+            .iter()
+            .flat_map(|m| &m.content)
+            .map(|part| match part {
+                ContentPart::Text(text) => text.len(),
+                ContentPart::Image => 0,
+            })
+            .sum::<usize>();
         let messages: Vec<Value> = messages.iter().map(ChatMessage::to_value).collect();
-        self.render_value(Value::from(messages), add_generation_prompt)
+        self.render_value(Value::from(messages), add_generation_prompt, text_bytes)
     }
 
     /// Renders messages given as JSON text, passed to the template as they are — as transformers does
@@ -148,10 +169,21 @@ impl ChatTemplate {
             }
             messages.push(Value::from_iter(kept));
         }
-        self.render_value(Value::from(messages), add_generation_prompt)
+        self.render_value(
+            Value::from(messages),
+            add_generation_prompt,
+            messages_json.len(),
+        )
     }
 
-    fn render_value(&self, messages: Value, add_generation_prompt: bool) -> Result<String> {
+    /// Renders under the limits: [`MAX_RENDER_FUEL`] instructions, and an output of at most twice
+    /// `input_bytes` plus [`RENDER_OUTPUT_ALLOWANCE`].
+    fn render_value(
+        &self,
+        messages: Value,
+        add_generation_prompt: bool,
+        input_bytes: usize,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -164,7 +196,48 @@ impl ChatTemplate {
             ("bos_token", Value::from(self.bos_token.as_str())),
             ("eos_token", Value::from(self.eos_token.as_str())),
         ]);
-        template.render(ctx).map_err(template_error)
+        let limit = input_bytes
+            .saturating_mul(2)
+            .saturating_add(RENDER_OUTPUT_ALLOWANCE);
+        let mut out = CappedOutput {
+            bytes: Vec::new(),
+            limit,
+            exceeded: false,
+        };
+        match template.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|e| Error::ChatTemplate(format!("rendered text is not UTF-8: {e}"))),
+            Err(_) if out.exceeded => Err(Error::ChatTemplate(format!(
+                "the rendered prompt is over the limit of {limit} bytes (twice the messages' \
+                 {input_bytes} bytes plus {RENDER_OUTPUT_ALLOWANCE})"
+            ))),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::ChatTemplate(format!(
+                "rendering ran over the limit of {MAX_RENDER_FUEL} template instructions"
+            ))),
+            Err(e) => Err(template_error(e)),
+        }
+    }
+}
+
+/// The render's output, refused past `limit` bytes (the render then stops with a write error).
+struct CappedOutput {
+    bytes: Vec<u8>,
+    limit: usize,
+    exceeded: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.limit {
+            self.exceeded = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -190,125 +263,33 @@ fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> 
     ))
 }
 
-/// `strftime_now(fmt)`: the current time formatted with C `strftime` directives (UTC).
-fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        // A clock before 1970 is a broken clock; formatting the epoch beats failing the render.
-        .unwrap_or(0);
-    strftime_utc(&format, secs)
+/// `strftime_now(fmt)`: the local time formatted with C `strftime` directives, as Python's
+/// `datetime.now().strftime(fmt)`. A directive chrono does not know is an error, where glibc copies it
+/// through (`%Q` stays `%Q`); chat templates use the common ones (`%d %b %Y`).
+fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error> {
+    strftime(&chrono::Local::now(), &format)
 }
 
-const WEEKDAYS: [&str; 7] = [
-    "Sunday",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-];
-const MONTHS: [&str; 12] = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
-
-/// Formats `secs` since the Unix epoch (UTC) with the common C/glibc `strftime` directives (C locale),
-/// including glibc's `%-d` style "no padding" flag. Unknown directives are copied through, as glibc does.
-fn strftime_utc(format: &str, secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (hour, minute, second) = (sod / 3600, (sod % 3600) / 60, sod % 60);
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy_mar = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy_mar + 2) / 153;
-    let day = doy_mar - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    let cumulative = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
-    let yday = cumulative[(month - 1) as usize] + day + i64::from(leap && month > 2);
-    let weekday = (days + 4).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
-    let hour12 = if hour % 12 == 0 { 12 } else { hour % 12 };
-
-    let mut out = String::new();
-    let mut chars = format.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        let no_pad = chars.peek() == Some(&'-');
-        if no_pad {
-            chars.next();
-        }
-        let num = |v: i64, width: usize| {
-            if no_pad {
-                v.to_string()
-            } else {
-                format!("{v:0width$}")
-            }
-        };
-        match chars.next() {
-            Some('a') => out.push_str(&WEEKDAYS[weekday][..3]),
-            Some('A') => out.push_str(WEEKDAYS[weekday]),
-            Some('b') | Some('h') => out.push_str(&MONTHS[(month - 1) as usize][..3]),
-            Some('B') => out.push_str(MONTHS[(month - 1) as usize]),
-            Some('d') => out.push_str(&num(day, 2)),
-            Some('e') => out.push_str(&if no_pad {
-                day.to_string()
-            } else {
-                format!("{day:2}")
-            }),
-            Some('m') => out.push_str(&num(month, 2)),
-            Some('Y') => out.push_str(&year.to_string()),
-            Some('y') => out.push_str(&num(year.rem_euclid(100), 2)),
-            Some('H') => out.push_str(&num(hour, 2)),
-            Some('I') => out.push_str(&num(hour12, 2)),
-            Some('M') => out.push_str(&num(minute, 2)),
-            Some('S') => out.push_str(&num(second, 2)),
-            Some('p') => out.push_str(if hour < 12 { "AM" } else { "PM" }),
-            Some('j') => out.push_str(&num(yday, 3)),
-            Some('F') => out.push_str(&format!("{year}-{month:02}-{day:02}")),
-            Some('T') => out.push_str(&format!("{hour:02}:{minute:02}:{second:02}")),
-            Some('Z') => out.push_str("UTC"),
-            Some('z') => out.push_str("+0000"),
-            Some('%') => out.push('%'),
-            Some(other) => {
-                out.push('%');
-                if no_pad {
-                    out.push('-');
-                }
-                out.push(other);
-            }
-            None => {
-                out.push('%');
-                if no_pad {
-                    out.push('-');
-                }
-            }
-        }
+fn strftime<Tz: chrono::TimeZone>(
+    time: &chrono::DateTime<Tz>,
+    format: &str,
+) -> std::result::Result<String, minijinja::Error>
+where
+    Tz::Offset: std::fmt::Display,
+{
+    let items: Vec<Item> = StrftimeItems::new(format).collect();
+    if items.iter().any(|item| matches!(item, Item::Error)) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: unsupported directive in {format:?}"),
+        ));
     }
-    out
+    Ok(time.format_with_items(items.into_iter()).to_string())
 }
 
 /// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=None, separators=None,
-/// sort_keys=False)`, unescaped HTML characters included.
+/// sort_keys=False)`, unescaped HTML characters included. serde_json writes it, with Python's
+/// separators, indentation, escapes and float spelling in [`PythonJson`].
 fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     let indent: Option<Value> = kwargs.get("indent")?;
@@ -351,145 +332,240 @@ fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja
         _ if indent.is_some() => (",".to_owned(), ": ".to_owned()),
         _ => (", ".to_owned(), ": ".to_owned()),
     };
-    let opts = JsonOpts {
+    let formatter = PythonJson {
         ensure_ascii: ensure_ascii.unwrap_or(false),
         indent,
         item_sep,
         key_sep,
-        sort_keys: sort_keys.unwrap_or(false),
+        level: 0,
+        has_value: false,
     };
-    let mut out = String::new();
-    write_json(&mut out, value, &opts, 0)?;
-    Ok(Value::from(out))
+    let mut out = Vec::new();
+    let value = Bounded {
+        value,
+        sort_keys: sort_keys.unwrap_or(false),
+        depth: 0,
+    };
+    value
+        .serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out, formatter,
+        ))
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    String::from_utf8(out)
+        .map(Value::from)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))
 }
 
-struct JsonOpts {
+/// Deep enough for any real template; bounds the recursion on hostile nesting (a namespace can hold
+/// itself).
+const MAX_JSON_DEPTH: usize = 256;
+
+/// A template value serialized with a depth bound and, for `sort_keys`, its maps' keys in order.
+struct Bounded<'a> {
+    value: &'a Value,
+    sort_keys: bool,
+    depth: usize,
+}
+
+impl Bounded<'_> {
+    fn child<'v>(&self, value: &'v Value) -> Bounded<'v> {
+        Bounded {
+            value,
+            sort_keys: self.sort_keys,
+            depth: self.depth + 1,
+        }
+    }
+}
+
+impl Serialize for Bounded<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::{Error as _, SerializeMap, SerializeSeq};
+        if self.depth > MAX_JSON_DEPTH {
+            return Err(S::Error::custom("value nested too deeply"));
+        }
+        let value = self.value;
+        match value.kind() {
+            ValueKind::Seq | ValueKind::Iterable => {
+                let items: Vec<Value> = value.try_iter().map_err(S::Error::custom)?.collect();
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in &items {
+                    seq.serialize_element(&self.child(item))?;
+                }
+                seq.end()
+            }
+            ValueKind::Map => {
+                let mut entries = Vec::new();
+                for key in value.try_iter().map_err(S::Error::custom)? {
+                    let item = value.get_item(&key).map_err(S::Error::custom)?;
+                    entries.push((json_key(&key).map_err(S::Error::custom)?, item));
+                }
+                if self.sort_keys {
+                    entries.sort_by(|a, b| a.0.cmp(&b.0));
+                }
+                let mut map = serializer.serialize_map(Some(entries.len()))?;
+                for (key, item) in &entries {
+                    map.serialize_entry(key, &self.child(item))?;
+                }
+                map.end()
+            }
+            ValueKind::Undefined | ValueKind::None => serializer.serialize_unit(),
+            ValueKind::Bool | ValueKind::Number | ValueKind::String => value.serialize(serializer),
+            other => Err(S::Error::custom(format!(
+                "a {other} is not JSON serializable"
+            ))),
+        }
+    }
+}
+
+/// A map key as `json.dumps` writes it: strings as they are; None, bools and numbers spelled.
+fn json_key(key: &Value) -> std::result::Result<String, String> {
+    match key.kind() {
+        ValueKind::String => Ok(key.as_str().unwrap_or_default().to_owned()),
+        ValueKind::None => Ok("null".to_owned()),
+        ValueKind::Bool => Ok((if key.is_true() { "true" } else { "false" }).to_owned()),
+        ValueKind::Number => Ok(python_number(key, true)),
+        other => Err(format!(
+            "keys must be str, int, float, bool or None, not {other}"
+        )),
+    }
+}
+
+/// serde_json's output in `json.dumps`' layout: Python's item and key separators, its indentation
+/// (every item on its own line, empty containers as `[]`/`{}`), `ensure_ascii`'s `\uXXXX` escapes and
+/// Python's float spelling (`1e-05`, `1e+16`).
+struct PythonJson {
     ensure_ascii: bool,
     indent: Option<String>,
     item_sep: String,
     key_sep: String,
-    sort_keys: bool,
+    level: usize,
+    has_value: bool,
 }
 
-/// Deep enough for any real template; bounds the recursion on hostile nesting.
-const MAX_JSON_DEPTH: usize = 256;
+impl PythonJson {
+    fn newline<W: ?Sized + std::io::Write>(&self, w: &mut W) -> std::io::Result<()> {
+        if let Some(indent) = &self.indent {
+            w.write_all(b"\n")?;
+            for _ in 0..self.level {
+                w.write_all(indent.as_bytes())?;
+            }
+        }
+        Ok(())
+    }
 
-fn write_json(
-    out: &mut String,
-    value: &Value,
-    opts: &JsonOpts,
-    depth: usize,
-) -> std::result::Result<(), minijinja::Error> {
-    if depth > MAX_JSON_DEPTH {
-        return Err(minijinja::Error::new(
-            ErrorKind::InvalidOperation,
-            "tojson: value nested too deeply",
-        ));
+    fn open<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        bracket: &[u8],
+    ) -> std::io::Result<()> {
+        self.level += 1;
+        self.has_value = false;
+        w.write_all(bracket)
     }
-    let newline = |out: &mut String, level: usize| {
-        if let Some(indent) = &opts.indent {
-            out.push('\n');
-            for _ in 0..level {
-                out.push_str(indent);
-            }
+
+    fn close<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        bracket: &[u8],
+    ) -> std::io::Result<()> {
+        self.level -= 1;
+        if self.has_value {
+            self.newline(w)?;
         }
-    };
-    match value.kind() {
-        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
-        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
-        ValueKind::Number => out.push_str(&python_number(value, true)),
-        ValueKind::String => {
-            write_json_str(out, value.as_str().unwrap_or_default(), opts.ensure_ascii)
-        }
-        ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<Value> = value.try_iter()?.collect();
-            if items.is_empty() {
-                out.push_str("[]");
-                return Ok(());
-            }
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(&opts.item_sep);
-                }
-                newline(out, depth + 1);
-                write_json(out, item, opts, depth + 1)?;
-            }
-            newline(out, depth);
-            out.push(']');
-        }
-        ValueKind::Map => {
-            let mut entries: Vec<(String, Value)> = Vec::new();
-            for key in value.try_iter()? {
-                let item = value.get_item(&key)?;
-                let key = match key.kind() {
-                    ValueKind::String => key.as_str().unwrap_or_default().to_owned(),
-                    ValueKind::None => "null".to_owned(),
-                    ValueKind::Bool => (if key.is_true() { "true" } else { "false" }).to_owned(),
-                    ValueKind::Number => python_number(&key, true),
-                    other => {
-                        return Err(minijinja::Error::new(
-                            ErrorKind::InvalidOperation,
-                            format!(
-                                "tojson: keys must be str, int, float, bool or None, not {other}"
-                            ),
-                        ))
-                    }
-                };
-                entries.push((key, item));
-            }
-            if opts.sort_keys {
-                entries.sort_by(|a, b| a.0.cmp(&b.0));
-            }
-            if entries.is_empty() {
-                out.push_str("{}");
-                return Ok(());
-            }
-            out.push('{');
-            for (i, (key, item)) in entries.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(&opts.item_sep);
-                }
-                newline(out, depth + 1);
-                write_json_str(out, key, opts.ensure_ascii);
-                out.push_str(&opts.key_sep);
-                write_json(out, item, opts, depth + 1)?;
-            }
-            newline(out, depth);
-            out.push('}');
-        }
-        other => {
-            return Err(minijinja::Error::new(
-                ErrorKind::InvalidOperation,
-                format!("tojson: a {other} is not JSON serializable"),
-            ))
-        }
+        w.write_all(bracket)
     }
-    Ok(())
+
+    fn item<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if !first {
+            w.write_all(self.item_sep.as_bytes())?;
+        }
+        self.newline(w)
+    }
 }
 
-/// A JSON string literal as Python's `json` module writes it.
-fn write_json_str(out: &mut String, s: &str, ensure_ascii: bool) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{08}' => out.push_str("\\b"),
-            '\u{0C}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 || (ensure_ascii && (c as u32) > 0x7E) => {
-                let mut buf = [0u16; 2];
-                for unit in c.encode_utf16(&mut buf) {
-                    out.push_str(&format!("\\u{unit:04x}"));
-                }
-            }
-            c => out.push(c),
-        }
+impl Formatter for PythonJson {
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"[")
     }
-    out.push('"');
+
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"]")
+    }
+
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.item(w, first)
+    }
+
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, _: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"{")
+    }
+
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"}")
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.item(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(self.key_sep.as_bytes())
+    }
+
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, _: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+
+    fn write_f64<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        value: f64,
+    ) -> std::io::Result<()> {
+        w.write_all(python_float(value, true).as_bytes())
+    }
+
+    fn write_f32<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        value: f32,
+    ) -> std::io::Result<()> {
+        self.write_f64(w, f64::from(value))
+    }
+
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        if !self.ensure_ascii {
+            return w.write_all(fragment.as_bytes());
+        }
+        for c in fragment.chars() {
+            if (c as u32) > 0x7E {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    write!(w, "\\u{unit:04x}")?;
+                }
+            } else {
+                w.write_all(c.encode_utf8(&mut [0; 4]).as_bytes())?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A number as Python prints it (`repr`): floats always show a fraction or an exponent (`1.0`,
@@ -1030,18 +1106,21 @@ mod tests {
     }
 
     #[test]
-    fn strftime() {
+    fn strftime_directives() {
+        use chrono::TimeZone;
         // 2024-07-26 13:05:09 UTC was a Friday, day 208 of a leap year.
-        let t = 1_722_085_509 - 86_400;
-        assert_eq!(strftime_utc("%d %b %Y", t), "26 Jul 2024");
+        let t = chrono::Utc
+            .with_ymd_and_hms(2024, 7, 26, 13, 5, 9)
+            .single()
+            .unwrap_or_else(|| panic!("a valid date"));
+        let f = |fmt: &str| super::strftime(&t, fmt).unwrap_or_else(|e| panic!("{fmt}: {e}"));
+        assert_eq!(f("%d %b %Y"), "26 Jul 2024");
         assert_eq!(
-            strftime_utc("%A %B %-d %H:%M:%S %j %p %I %y %%", t),
-            "Friday July 26 13:05:09 208 PM 01 24 %"
+            f("%A %B %-d %H:%M:%S %j %p %I %y %% %F %e"),
+            "Friday July 26 13:05:09 208 PM 01 24 % 2024-07-26 26"
         );
-        assert_eq!(strftime_utc("%Q", t), "%Q");
-        assert_eq!(strftime_utc("%", 0), "%");
-        assert_eq!(strftime_utc("%F", 0), "1970-01-01");
-        assert_eq!(strftime_utc("%F", 951_782_400), "2000-02-29");
+        // glibc copies an unknown directive through; chrono refuses it, and so does the render.
+        assert!(super::strftime(&t, "%Q").is_err());
         let t = tpl("{{ strftime_now('%Y') | length }}");
         assert_eq!(t.render(&[], false).ok().as_deref(), Some("4"));
     }
@@ -1083,6 +1162,77 @@ mod tests {
                 false
             )
             .is_ok());
+    }
+
+    /// The fuel a render uses, read back from minijinja: what [`MAX_RENDER_FUEL`] is sized from.
+    fn fuel_used(t: &ChatTemplate, messages_json: &str) -> u64 {
+        let ctx: Value = serde_json::from_str(&format!(
+            r#"{{"messages": {messages_json}, "bos_token": "<s>", "add_generation_prompt": true}}"#
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let template = t
+            .env
+            .get_template(TEMPLATE_NAME)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let captured = template
+            .render_captured_to(ctx, std::io::sink())
+            .unwrap_or_else(|e| panic!("{e}"));
+        captured.state().fuel_levels().map_or(0, |(used, _)| used)
+    }
+
+    #[test]
+    fn renders_run_under_fuel_and_output_limits() {
+        let t = tpl(LLAMA31_INSTRUCT);
+        let conversation = |n: usize| {
+            let turns: Vec<String> = (0..n)
+                .map(|i| {
+                    let role = if i % 2 == 0 { "user" } else { "assistant" };
+                    format!(r#"{{"role": "{role}", "content": "message {i}"}}"#)
+                })
+                .collect();
+            format!("[{}]", turns.join(","))
+        };
+        let per_message =
+            (fuel_used(&t, &conversation(200)) - fuel_used(&t, &conversation(100))) / 100;
+        println!(
+            "Llama-3.1 template: {per_message} instructions a message; the limit of {MAX_RENDER_FUEL} \
+             renders {} messages",
+            MAX_RENDER_FUEL / per_message.max(1)
+        );
+        // A long conversation stays far inside the budget.
+        assert!(per_message * 10_000 < MAX_RENDER_FUEL, "{per_message}");
+        assert!(t.render_json(&conversation(10_000), true).is_ok());
+
+        let endless =
+            tpl("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}");
+        let start = std::time::Instant::now();
+        let err = endless.render(&[], false).err().map(|e| e.to_string());
+        println!("endless loop stopped in {:?}: {err:?}", start.elapsed());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("template instructions")),
+            "{err:?}"
+        );
+
+        let big = tpl("{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}");
+        let err = big
+            .render(&[ChatMessage::text("user", "hi")], false)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("over the limit of 1048580 bytes")),
+            "{err:?}"
+        );
+        // What the messages carry does not count against the template's allowance.
+        let echo = tpl("{% for m in messages %}{{ m.content[0].text }}{% endfor %}");
+        let long = "y".repeat(4 << 20);
+        assert_eq!(
+            echo.render(&[ChatMessage::text("user", long.as_str())], false)
+                .map(|s| s.len())
+                .ok(),
+            Some(long.len())
+        );
     }
 
     #[test]

@@ -18,31 +18,31 @@ use crate::preprocess::{load_image, DecodeLimits};
 use crate::request::single_turn;
 use crate::sampling::argmax;
 
-pub const REFERENCE_DIR: &str = "reference";
+pub(crate) const REFERENCE_DIR: &str = "reference";
 const FORMAT_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct ReferenceIndex {
-    pub format_version: u32,
-    pub cases: Vec<ReferenceCase>,
+pub(crate) struct ReferenceIndex {
+    pub(crate) format_version: u32,
+    pub(crate) cases: Vec<ReferenceCase>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct ReferenceCase {
-    pub name: String,
+pub(crate) struct ReferenceCase {
+    pub(crate) name: String,
     #[serde(default)]
-    pub system: Option<String>,
-    pub prompt: String,
+    pub(crate) system: Option<String>,
+    pub(crate) prompt: String,
     #[serde(default)]
-    pub images: Vec<String>,
-    pub tensors: String,
-    pub greedy_tokens: Vec<u32>,
+    pub(crate) images: Vec<String>,
+    pub(crate) tensors: String,
+    pub(crate) greedy_tokens: Vec<u32>,
 }
 
 impl ReferenceCase {
     /// The conversation the case was computed from: optional system turn, then one user turn with the
     /// images before the prompt text.
-    pub fn messages(&self) -> Vec<ChatMessage> {
+    pub(crate) fn messages(&self) -> Vec<ChatMessage> {
         single_turn(self.system.as_deref(), self.images.len(), &self.prompt)
     }
 }
@@ -68,9 +68,9 @@ pub struct Tolerances {
 /// "Quantized exports"): logits within this fraction of the reference's largest logit, and the
 /// reference token among our 10 largest logits on half the teacher-forced steps. Top-1 agreement is
 /// reported only: random-weight logits are nearly flat and int4 noise reorders their first places.
-pub const INT4_LOGITS_RELATIVE: f32 = 0.75;
-pub const INT4_TOP_K: usize = 10;
-pub const INT4_MIN_TOP_K: f64 = 0.5;
+pub(crate) const INT4_LOGITS_RELATIVE: f32 = 0.75;
+pub(crate) const INT4_TOP_K: usize = 10;
+pub(crate) const INT4_MIN_TOP_K: f64 = 0.5;
 
 impl Tolerances {
     /// The dtype's tolerances, or the quantization's where the manifest records one. A quantized
@@ -156,7 +156,7 @@ impl CheckReport {
     }
 }
 
-pub fn load_reference(dir: &Path) -> Result<ReferenceIndex> {
+pub(crate) fn load_reference(dir: &Path) -> Result<ReferenceIndex> {
     let path = dir.join(REFERENCE_DIR).join("reference.json");
     let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let index: ReferenceIndex = serde_json::from_str(&text).map_err(|e| Error::Reference {
@@ -233,7 +233,7 @@ fn load_tensors(dir: &Path, case: &ReferenceCase) -> Result<CaseTensors> {
 }
 
 /// Max abs diff of two equally long slices; infinite when the lengths differ or a value is not finite.
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+pub(crate) fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
     if a.len() != b.len() {
         return f64::INFINITY;
     }
@@ -252,7 +252,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
 
 /// How many entries of `row` are larger than entry `index` (0: it is the largest); a missing or NaN
 /// entry ranks last.
-pub fn rank_of(row: &[f32], index: usize) -> usize {
+pub(crate) fn rank_of(row: &[f32], index: usize) -> usize {
     match row.get(index) {
         Some(&v) if !v.is_nan() => row.iter().filter(|&&x| x > v).count(),
         _ => row.len(),
@@ -260,7 +260,13 @@ pub fn rank_of(row: &[f32], index: usize) -> usize {
 }
 
 /// Max abs diff of two outputs, or relative to `b`'s largest magnitude when the tolerances are relative.
-pub fn measure(stage: &str, a: &[f32], b: &[f32], tolerance: f32, relative: bool) -> Measure {
+pub(crate) fn measure(
+    stage: &str,
+    a: &[f32],
+    b: &[f32],
+    tolerance: f32,
+    relative: bool,
+) -> Measure {
     let diff = max_abs_diff(a, b);
     let (measured, detail) = if relative {
         let scale = b

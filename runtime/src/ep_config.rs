@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::ep::ProviderList;
 use crate::error::{Error, Result};
 use crate::manifest::{Dim, GraphSpec};
+use crate::provider::ProviderList;
 
 /// Every key the options accept, with what it expects; unknown keys are refused with this list.
 pub const KEYS: &[(&str, &str)] = &[

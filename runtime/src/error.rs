@@ -19,8 +19,26 @@ pub enum Error {
     #[error("invalid manifest {path}: {reason}")]
     Manifest { path: PathBuf, reason: String },
 
+    /// ONNX Runtime failed; the `ort` error is the source.
     #[error("ONNX Runtime: {0}")]
+    OnnxRuntime(#[source] ort::Error),
+
+    /// ONNX Runtime's shared library could not be found or loaded.
+    #[error("ONNX Runtime: {0}")]
+    OrtLibrary(String),
+
+    /// Older spelling of [`Error::Internal`] (the decode-loop modules still use it): a failure of the
+    /// runtime's own invariants, not of ONNX Runtime. New code uses [`Error::Internal`].
+    #[error("internal error: {0}")]
     Ort(String),
+
+    /// A failure of the runtime's own invariants (a bug, not bad input and not ONNX Runtime).
+    #[error("internal error: {0}")]
+    Internal(String),
+
+    /// A model file over its size limit, or not a regular file, refused before it is read.
+    #[error("{path}: {reason}")]
+    FileLimit { path: PathBuf, reason: String },
 
     #[error("execution provider {provider}: {reason}")]
     ExecutionProvider { provider: String, reason: String },
@@ -75,7 +93,7 @@ pub enum Error {
 
 impl From<ort::Error> for Error {
     fn from(e: ort::Error) -> Self {
-        Error::Ort(e.to_string())
+        Error::OnnxRuntime(e)
     }
 }
 

@@ -10,10 +10,11 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{IoBinding, RunOptions, Session, SessionInputs, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType};
 
-use crate::ep::{parse_placement, GraphProviderPlan, Provider, ProviderList, Registered};
+use crate::ep::{parse_placement, GraphProviderPlan, Registered};
 use crate::ep_config::{tensorrt_profile, EpOptions, ResolvedLimits};
 use crate::error::{Error, Result};
-use crate::manifest::{resolve_inside, Dim, GraphSpec, ModelDims, TensorDtype};
+use crate::manifest::{resolve_inside, GraphSpec, ModelDims, TensorDtype};
+use crate::provider::{Provider, ProviderList};
 
 /// Session options shared by the three graphs.
 #[derive(Debug, Clone)]
@@ -291,18 +292,6 @@ impl Graph {
         &self.spec.inputs[index].name
     }
 
-    pub fn output_name(&self, index: usize) -> &str {
-        &self.spec.outputs[index].name
-    }
-
-    /// A fixed dimension of an output from the manifest, e.g. the feature width of image_features.
-    pub fn fixed_output_dim(&self, output: usize, axis: usize) -> Option<usize> {
-        match self.spec.outputs.get(output)?.shape.get(axis)? {
-            Dim::Fixed(n) => usize::try_from(*n).ok(),
-            Dim::Symbolic(_) => None,
-        }
-    }
-
     /// A human-readable line: which providers run this graph.
     pub fn provider_summary(&self) -> String {
         let names: Vec<&str> = self.providers.active.iter().map(|p| p.name()).collect();
@@ -458,7 +447,7 @@ pub fn float_tensor(dtype: TensorDtype, shape: Vec<i64>, data: &[f32]) -> Result
             Tensor::from_array((shape, halves))?.into_dyn()
         }
         TensorDtype::Int64 => {
-            return Err(Error::Ort("float_tensor called with int64".into()));
+            return Err(Error::Internal("float_tensor called with int64".into()));
         }
     })
 }
@@ -481,7 +470,7 @@ pub fn read_floats(value: &DynValue, out: &mut Vec<f32>) -> Result<Vec<i64>> {
             out.extend(data.iter().map(|v| v.to_f32()));
             Ok(shape.to_vec())
         }
-        other => Err(Error::Ort(format!(
+        other => Err(Error::Internal(format!(
             "expected a float32 or float16 tensor, found {other:?}"
         ))),
     }
@@ -502,7 +491,7 @@ pub fn read_last_row(value: &DynValue, out: &mut Vec<f32>) -> Result<()> {
             out.extend(data[data.len() - width..].iter().map(|v| v.to_f32()));
         }
         other => {
-            return Err(Error::Ort(format!(
+            return Err(Error::Internal(format!(
                 "expected a float32 or float16 tensor, found {other:?}"
             )))
         }
@@ -515,7 +504,7 @@ fn last_dim(value: &DynValue) -> Result<usize> {
     let width = shape.last().copied().unwrap_or(0);
     let total: i64 = shape.iter().product();
     if width <= 0 || total < width {
-        return Err(Error::Ort(format!(
+        return Err(Error::Internal(format!(
             "tensor of shape {shape:?} has no last row"
         )));
     }

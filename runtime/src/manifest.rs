@@ -3,15 +3,11 @@
 //! Everything the runtime needs to know about a model directory comes from here; tensor names are taken
 //! from each graph's ordered input/output lists and never re-spelled elsewhere.
 
-use std::fs;
-use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::onnx_file;
 use crate::preprocess::PreprocessConfig;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -19,8 +15,26 @@ pub const FORMAT: &str = "llama3v-model";
 pub const FORMAT_VERSION: u32 = 1;
 /// Largest image height or width a manifest may ask preprocessing for.
 pub const MAX_IMAGE_SIDE: u32 = 8192;
-/// Largest decoder depth a manifest may declare.
+/// Largest decoder depth a manifest may declare (bounds the graph's input/output counts).
 pub const MAX_LAYERS: usize = 4096;
+/// Largest context a manifest may declare: 2^24 positions, 128 times Llama-3.1's 131072. ONNX Runtime's
+/// attention kernels count sequence lengths in int32, and the runtime sizes per-sequence position
+/// state from it.
+pub const MAX_CONTEXT: usize = 1 << 24;
+/// Largest vocabulary (each decode step holds `vocab_size` logits): 2^24, 64 times Llama-3's.
+pub const MAX_VOCAB: usize = 1 << 24;
+/// Largest hidden size, head count and head dim.
+pub const MAX_WIDTH: usize = 1 << 20;
+/// Largest KV cache one sequence may need at `max_context` (float32): 1 TiB. Well above any real
+/// model (Llama-3-8B at 131072 positions: 64 GiB), and it keeps every size computed from the dims
+/// exact in 64 bits.
+pub const MAX_KV_CACHE_BYTES: u128 = 1 << 40;
+/// Most stop ids a manifest may list (`generation_config.json` lists a handful).
+pub const MAX_STOP_IDS: usize = 1024;
+/// Largest chat template source (real ones are a few KiB).
+pub const MAX_CHAT_TEMPLATE_BYTES: usize = 1 << 20;
+/// The only resize filter the runtime implements (PIL's bicubic).
+pub const RESAMPLE: &str = "bicubic";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
@@ -278,21 +292,6 @@ impl Default for LoadOptions {
 }
 
 impl Manifest {
-    /// Reads and validates `<dir>/manifest.json` and checks that every file it names is inside `dir`.
-    pub fn load(dir: &Path, options: LoadOptions) -> Result<Manifest> {
-        if !dir.is_dir() {
-            return Err(Error::Model {
-                dir: dir.to_path_buf(),
-                reason: "not a directory (export a checkpoint with llama3v-export first)".into(),
-            });
-        }
-        let path = dir.join(MANIFEST_FILE);
-        let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let manifest = Manifest::parse(&text).map_err(|reason| Error::Manifest { path, reason })?;
-        manifest.check_files(dir, options)?;
-        Ok(manifest)
-    }
-
     /// Parses manifest JSON and checks it against itself (no files are read): the part of
     /// [`Manifest::load`] that untrusted text alone reaches, and what the manifest fuzz target drives.
     pub fn parse(text: &str) -> std::result::Result<Manifest, String> {
@@ -301,7 +300,9 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// Consistency of the manifest with itself: the contract's shape rules.
+    /// Consistency of the manifest with itself, and every number within what the runtime can allocate
+    /// for it: the contract's rules (onnx/README.md, onnx/manifest.schema.json). Each part is its own
+    /// function, so a new optional field adds one check where its section is.
     fn validate(&self) -> std::result::Result<(), String> {
         if self.format != FORMAT {
             return Err(format!("format is {:?}, expected {FORMAT:?}", self.format));
@@ -312,9 +313,34 @@ impl Manifest {
                 self.format_version
             ));
         }
+        self.validate_model()?;
+        self.validate_digests()?;
+        self.validate_quantization()?;
+        expect_io("vision", &self.graphs.vision, 1, 1)?;
+        expect_io("embed", &self.graphs.embed, 1, 1)?;
+        let kv = 2 * self.model.num_layers;
+        expect_io("decoder", &self.graphs.decoder, 3 + kv, 1 + kv)?;
+        self.validate_image()?;
+        self.validate_text()?;
+        self.validate_generation()?;
+        self.validate_shapes()
+    }
+
+    fn validate_model(&self) -> std::result::Result<(), String> {
         let m = &self.model;
-        if m.num_layers == 0 || m.num_kv_heads == 0 || m.head_dim == 0 || m.vocab_size == 0 {
-            return Err("model dims must be positive".into());
+        let dims = [
+            ("num_layers", m.num_layers, MAX_LAYERS),
+            ("num_attention_heads", m.num_attention_heads, MAX_WIDTH),
+            ("num_kv_heads", m.num_kv_heads, MAX_WIDTH),
+            ("head_dim", m.head_dim, MAX_WIDTH),
+            ("hidden_size", m.hidden_size, MAX_WIDTH),
+            ("vocab_size", m.vocab_size, MAX_VOCAB),
+            ("max_context", m.max_context, MAX_CONTEXT),
+        ];
+        for (name, value, limit) in dims {
+            if value == 0 || value > limit {
+                return Err(format!("model.{name} is {value}, expected 1..={limit}"));
+            }
         }
         if !m.num_attention_heads.is_multiple_of(m.num_kv_heads) {
             return Err(format!(
@@ -322,57 +348,64 @@ impl Manifest {
                 m.num_attention_heads, m.num_kv_heads
             ));
         }
-        // Bounds the graph's input/output counts computed from it (and keeps that arithmetic exact).
-        if m.num_layers > MAX_LAYERS {
+        // One sequence's KV cache at the full context (float32, the widest): the most a request can
+        // make the runtime hold; bounding it keeps every size computed from these dims exact.
+        let kv_bytes = [m.num_layers, m.num_kv_heads, m.head_dim, m.max_context]
+            .iter()
+            .fold(2 * 4u128, |acc, &d| acc * d as u128);
+        if kv_bytes > MAX_KV_CACHE_BYTES {
             return Err(format!(
-                "num_layers {} is over the limit of {MAX_LAYERS}",
-                m.num_layers
+                "model dims make a KV cache of {kv_bytes} bytes at max_context {} (2 x num_layers x \
+                 num_kv_heads x head_dim x max_context x 4), over the limit of {MAX_KV_CACHE_BYTES}",
+                m.max_context
             ));
         }
-        if let Some(q) = &self.quantization {
-            if q.block_size < 16 || !q.block_size.is_power_of_two() {
-                return Err(format!(
-                    "quantization.block_size {} is not a power of two of at least 16",
-                    q.block_size
-                ));
-            }
-            if let Some(name) = q.graphs.iter().find(|g| {
-                !self
-                    .graphs
-                    .named()
+        Ok(())
+    }
+
+    /// A digest that cannot be a sha256 would fail only when hashes are verified; refuse it always.
+    fn validate_digests(&self) -> std::result::Result<(), String> {
+        for (name, graph) in self.graphs.named() {
+            let digests = std::iter::once((graph.file.as_str(), graph.sha256.as_str())).chain(
+                graph
+                    .external_data
                     .iter()
-                    .any(|(known, _)| known == &g.as_str())
-            }) {
-                return Err(format!(
-                    "quantization.graphs names an unknown graph {name:?}"
-                ));
+                    .map(|f| (f.file.as_str(), f.sha256.as_str())),
+            );
+            for (file, digest) in digests {
+                if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(format!(
+                        "graphs.{name}: the sha256 of {file} is {digest:?}, not 64 hex digits"
+                    ));
+                }
             }
         }
-        expect_io("vision", &self.graphs.vision, 1, 1)?;
-        expect_io("embed", &self.graphs.embed, 1, 1)?;
-        let kv = 2 * m.num_layers;
-        expect_io("decoder", &self.graphs.decoder, 3 + kv, 1 + kv)?;
+        Ok(())
+    }
+
+    fn validate_quantization(&self) -> std::result::Result<(), String> {
+        let Some(q) = &self.quantization else {
+            return Ok(());
+        };
+        if q.block_size < 16 || !q.block_size.is_power_of_two() {
+            return Err(format!(
+                "quantization.block_size {} is not a power of two of at least 16",
+                q.block_size
+            ));
+        }
+        let known = self.graphs.named().map(|(name, _)| name);
+        if let Some(name) = q.graphs.iter().find(|g| !known.contains(&g.as_str())) {
+            return Err(format!(
+                "quantization.graphs names an unknown graph {name:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_image(&self) -> std::result::Result<(), String> {
         let img = &self.image;
         if img.height == 0 || img.width == 0 || img.tokens_per_image == 0 {
             return Err("image height, width and tokens_per_image must be positive".into());
-        }
-        if img.std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
-            return Err(format!(
-                "image std {:?} must be finite and non-zero",
-                img.std
-            ));
-        }
-        if img.image_token_id as usize >= m.vocab_size {
-            return Err(format!(
-                "image_token_id {} is outside the vocabulary of {}",
-                img.image_token_id, m.vocab_size
-            ));
-        }
-        if self.text.stop_token_ids.is_empty() {
-            return Err("text.stop_token_ids is empty".into());
-        }
-        if m.hidden_size == 0 || m.num_attention_heads == 0 || m.max_context == 0 {
-            return Err("model dims must be positive".into());
         }
         // Preprocessing allocates 3 x height x width floats per image from these numbers.
         if img.height > MAX_IMAGE_SIDE || img.width > MAX_IMAGE_SIDE {
@@ -381,13 +414,106 @@ impl Manifest {
                 img.width, img.height
             ));
         }
-        if img.tokens_per_image >= m.max_context {
+        if img.tokens_per_image >= self.model.max_context {
             return Err(format!(
                 "tokens_per_image {} does not fit in max_context {}",
-                img.tokens_per_image, m.max_context
+                img.tokens_per_image, self.model.max_context
             ));
         }
-        self.validate_shapes()
+        // The runtime resizes with PIL's bicubic filter only; another filter would be silently wrong.
+        if img.resample != RESAMPLE {
+            return Err(format!(
+                "image.resample is {:?}; this runtime implements only {RESAMPLE:?} (PIL's, as \
+                 SiglipImageProcessorPil resizes)",
+                img.resample
+            ));
+        }
+        if !img.do_convert_rgb {
+            return Err(
+                "image.do_convert_rgb is false; this runtime always converts images to RGB \
+                 (alpha composited over white), which is what true means"
+                    .into(),
+            );
+        }
+        if !(img.rescale_factor.is_finite() && img.rescale_factor > 0.0) {
+            return Err(format!(
+                "image.rescale_factor {} must be finite and positive",
+                img.rescale_factor
+            ));
+        }
+        if img.mean.iter().any(|m| !m.is_finite()) {
+            return Err(format!("image mean {:?} must be finite", img.mean));
+        }
+        if img.std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
+            return Err(format!(
+                "image std {:?} must be finite and non-zero",
+                img.std
+            ));
+        }
+        if img.image_token_id as usize >= self.model.vocab_size {
+            return Err(format!(
+                "image_token_id {} is outside the vocabulary of {}",
+                img.image_token_id, self.model.vocab_size
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_text(&self) -> std::result::Result<(), String> {
+        let text = &self.text;
+        let vocab = self.model.vocab_size;
+        if text.stop_token_ids.is_empty() {
+            return Err("text.stop_token_ids is empty".into());
+        }
+        if text.stop_token_ids.len() > MAX_STOP_IDS {
+            return Err(format!(
+                "text.stop_token_ids lists {} ids, over the limit of {MAX_STOP_IDS}",
+                text.stop_token_ids.len()
+            ));
+        }
+        // A stop id the logits cannot produce would never end a generation.
+        let ids = [("bos_token_id", text.bos_token_id)]
+            .into_iter()
+            .chain(text.pad_token_id.map(|id| ("pad_token_id", id)))
+            .chain(text.stop_token_ids.iter().map(|&id| ("stop_token_ids", id)));
+        for (field, id) in ids {
+            if id as usize >= vocab {
+                return Err(format!(
+                    "text.{field} has {id}, outside the vocabulary of {vocab}"
+                ));
+            }
+        }
+        if text.chat_template.len() > MAX_CHAT_TEMPLATE_BYTES {
+            return Err(format!(
+                "text.chat_template is {} bytes, over the limit of {MAX_CHAT_TEMPLATE_BYTES}",
+                text.chat_template.len()
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_generation(&self) -> std::result::Result<(), String> {
+        let g = &self.generation;
+        if let Some(t) = g.temperature {
+            if !(t.is_finite() && t >= 0.0) {
+                return Err(format!(
+                    "generation.temperature {t} must be a finite number >= 0"
+                ));
+            }
+        }
+        if let Some(p) = g.top_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(format!("generation.top_p {p} must be in [0, 1]"));
+            }
+        }
+        if let Some(r) = g.repetition_penalty {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(format!(
+                    "generation.repetition_penalty {r} must be a finite number > 0"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The fixed dims of the graphs' tensors must agree with the model and image settings (symbolic
@@ -463,62 +589,6 @@ impl Manifest {
         Ok(())
     }
 
-    /// Every file the manifest names must be a plain relative name inside `dir`, exist, and (optionally)
-    /// match its sha256.
-    fn check_files(&self, dir: &Path, options: LoadOptions) -> Result<()> {
-        let mut files: Vec<(&str, Option<&str>)> = vec![(self.text.tokenizer_file.as_str(), None)];
-        for graph in [
-            &self.graphs.vision,
-            &self.graphs.embed,
-            &self.graphs.decoder,
-        ] {
-            files.push((&graph.file, Some(&graph.sha256)));
-            for ext in &graph.external_data {
-                files.push((&ext.file, Some(&ext.sha256)));
-            }
-        }
-        let model_error = |reason: String| Error::Model {
-            dir: dir.to_path_buf(),
-            reason,
-        };
-        let canonical_dir = fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
-        for (name, digest) in files {
-            let path = resolve_inside(dir, name)?;
-            if !path.is_file() {
-                return Err(Error::Model {
-                    dir: dir.to_path_buf(),
-                    reason: format!("{name} is missing"),
-                });
-            }
-            // A symlink or hard link inside the directory could still name a file outside it.
-            onnx_file::check_plain_file(&canonical_dir, &path).map_err(model_error)?;
-            if let (true, Some(expected)) = (options.verify_hashes, digest) {
-                let found = sha256_file(&path)?;
-                if !found.eq_ignore_ascii_case(expected) {
-                    return Err(Error::Model {
-                        dir: dir.to_path_buf(),
-                        reason: format!("{name}: sha256 is {found}, the manifest says {expected}"),
-                    });
-                }
-            }
-        }
-        // Before any session exists: external-data references, then declared inputs and outputs.
-        for (name, graph) in self.graphs.named() {
-            let path = resolve_inside(dir, &graph.file)?;
-            let listed: Vec<&str> = graph
-                .external_data
-                .iter()
-                .map(|f| f.file.as_str())
-                .collect();
-            let info = onnx_file::check_graph_file(dir, &path, &listed).map_err(model_error)?;
-            onnx_file::check_graph_io(graph, &info).map_err(|reason| Error::Graph {
-                graph: name.into(),
-                reason: format!("{}: {reason}", graph.file),
-            })?;
-        }
-        Ok(())
-    }
-
     /// The float type graphs take and give in this export.
     pub fn float_dtype(&self) -> TensorDtype {
         match self.dtype {
@@ -557,24 +627,6 @@ pub fn resolve_inside(dir: &Path, name: &str) -> Result<PathBuf> {
         });
     }
     Ok(dir.join(rel))
-}
-
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 #[cfg(test)]
@@ -620,5 +672,65 @@ mod tests {
                 Dim::Fixed(384)
             ]
         );
+    }
+
+    /// The documents of `onnx/manifest-examples/cases.json`: the runtime accepts exactly those the case
+    /// says it does, with the message it names (tests/python/test_manifest_schema.py holds the JSON
+    /// Schema to the same cases).
+    #[test]
+    fn schema_cases_are_accepted_or_refused_as_listed() {
+        let base: serde_json::Value =
+            serde_json::from_str(include_str!("../../onnx/manifest-examples/valid.json"))
+                .unwrap_or_else(|e| panic!("valid.json: {e}"));
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(include_str!("../../onnx/manifest-examples/cases.json"))
+                .unwrap_or_else(|e| panic!("cases.json: {e}"));
+        assert!(cases.len() > 20);
+        for case in &cases {
+            let name = case["name"].as_str().unwrap_or_default();
+            let mut doc = base.clone();
+            for pointer in case["remove"].as_array().into_iter().flatten() {
+                let pointer = pointer.as_str().unwrap_or_default();
+                let (parent, key) = pointer.rsplit_once('/').unwrap_or_default();
+                if let Some(serde_json::Value::Object(map)) = doc.pointer_mut(parent) {
+                    map.remove(key);
+                } else {
+                    panic!("{name}: no object at {parent}");
+                }
+            }
+            for (pointer, value) in case["set"].as_object().into_iter().flatten() {
+                set_pointer(&mut doc, pointer, value.clone());
+            }
+            let result = Manifest::parse(&doc.to_string());
+            let accepted = case["runtime"].as_bool().unwrap_or_default();
+            match (result, accepted) {
+                (Ok(_), true) => {}
+                (Err(e), false) => {
+                    let message = case["message"].as_str().unwrap_or_default();
+                    assert!(e.contains(message), "{name}: {e:?} lacks {message:?}");
+                }
+                (Ok(_), false) => panic!("{name}: accepted"),
+                (Err(e), true) => panic!("{name}: refused: {e}"),
+            }
+        }
+    }
+
+    /// Sets the value at a JSON pointer; an index one past an array's end appends.
+    fn set_pointer(doc: &mut serde_json::Value, pointer: &str, value: serde_json::Value) {
+        let (parent, key) = pointer.rsplit_once('/').unwrap_or_default();
+        match doc.pointer_mut(parent) {
+            Some(serde_json::Value::Object(map)) => {
+                map.insert(key.to_owned(), value);
+            }
+            Some(serde_json::Value::Array(items)) => {
+                let index: usize = key.parse().unwrap_or_else(|e| panic!("{pointer}: {e}"));
+                if index == items.len() {
+                    items.push(value);
+                } else {
+                    items[index] = value;
+                }
+            }
+            _ => panic!("{pointer}: no object or array at {parent}"),
+        }
     }
 }

@@ -14,7 +14,7 @@ use crate::ep_config::ResolvedLimits;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, SessionOptions};
 use crate::manifest::{
-    resolve_inside, DecoderFlavour, ImageSettings, LoadOptions, Manifest, ModelDims, TensorDtype,
+    DecoderFlavour, ImageSettings, LoadOptions, Manifest, ModelDims, TensorDtype,
 };
 use crate::preprocess::pixel_values;
 use crate::splice::splice_image_features;
@@ -54,34 +54,7 @@ pub struct Sessions {
 impl Model {
     pub fn load(dir: &Path, options: &ModelOptions) -> Result<Model> {
         let manifest = Manifest::load(dir, options.load)?;
-        let tokenizer =
-            TextTokenizer::from_file(&resolve_inside(dir, &manifest.text.tokenizer_file)?)?;
-        if tokenizer.vocab_size() > manifest.model.vocab_size {
-            return Err(Error::Model {
-                dir: dir.to_path_buf(),
-                reason: format!(
-                    "the tokenizer has {} tokens but the model's vocabulary is {}",
-                    tokenizer.vocab_size(),
-                    manifest.model.vocab_size
-                ),
-            });
-        }
-        let image_token = &manifest.image.image_token;
-        if tokenizer.token_to_id(image_token) != Some(manifest.image.image_token_id) {
-            return Err(Error::Model {
-                dir: dir.to_path_buf(),
-                reason: format!(
-                    "the tokenizer maps {image_token:?} to {:?}, the manifest says {}",
-                    tokenizer.token_to_id(image_token),
-                    manifest.image.image_token_id
-                ),
-            });
-        }
-        let template = ChatTemplate::new(
-            &manifest.text.chat_template,
-            &manifest.text.bos_token,
-            &manifest.text.eos_token,
-        )?;
+        let (tokenizer, template) = crate::model_dir::load_text(dir, &manifest)?;
         let graphs = &manifest.graphs;
         let session = options.session.for_model(&manifest.model)?;
         let limits = options

@@ -1,15 +1,12 @@
-//! What the runtime reads out of an `.onnx` file itself, before ONNX Runtime ever opens it.
+//! What the runtime reads out of an `.onnx` file itself, before ONNX Runtime ever opens it: every
+//! external-data reference and the main graph's declared inputs and outputs. What is allowed (the file
+//! policy, the comparison with the manifest) lives in `model_dir`; this module only reads.
 //!
 //! ONNX Runtime follows a tensor's external-data `location` wherever it points and reads
 //! `offset`/`length` bytes from it; a hostile model directory can use that to read files outside it
 //! (CVE-2022-25882, CVE-2024-27318 and the later bypasses through symlinks and hard links). So every
-//! graph is walked first: each tensor with external data (initializers, tensors in node attributes,
-//! in subgraphs of any depth, in functions and in sparse initializers) must name a plain relative file
-//! inside the model directory, not a symlink or hard link, that the manifest lists (so its sha256 is
-//! verified), with `offset + length` inside the file.
-//!
-//! The same walk reads the graph's declared inputs and outputs (what a session reports), so the
-//! manifest's fixed dims and dtypes are checked against the graph before any session exists.
+//! tensor with external data is found: initializers, tensors in node attributes, in subgraphs of any
+//! depth, in functions and in sparse initializers.
 //!
 //! The walker reads protobuf wire format directly for the few fields it needs (protoc and generated
 //! code would be a build dependency for ~20 field numbers). It is bounded: nesting depth, string
@@ -17,12 +14,7 @@
 //! and it never allocates more than it has read. It streams through the file, seeking over payloads
 //! (weights are never held in memory).
 
-use std::collections::HashSet;
-use std::fs;
-use std::io::{BufReader, Read, Seek};
-use std::path::{Component, Path, PathBuf};
-
-use crate::manifest::{Dim, GraphSpec, TensorDtype, TensorSpec};
+use std::io::{Read, Seek};
 
 /// Deeper than protobuf's own default recursion limit (100) is refused.
 const MAX_DEPTH: usize = 100;
@@ -481,215 +473,11 @@ fn external_ref(tensor: String, entries: &[(String, String)]) -> Result<External
     })
 }
 
-/// Checks a graph file before ONNX Runtime opens it: every external-data reference stays inside
-/// `model_dir`, is listed in the manifest, and fits in its file; returns the declared inputs/outputs.
-///
-/// `listed` are the manifest's external-data file names for this graph (already checked to be plain
-/// relative names).
-pub fn check_graph_file(
-    model_dir: &Path,
-    graph_file: &Path,
-    listed: &[&str],
-) -> Result<OnnxInfo, String> {
-    let dir = fs::canonicalize(model_dir)
-        .map_err(|e| format!("cannot resolve the model directory: {e}"))?;
-    let graph_len = check_plain_file(&dir, graph_file)?;
-    let file = fs::File::open(graph_file).map_err(|e| format!("{}: {e}", graph_file.display()))?;
-    let info = inspect(BufReader::new(file), graph_len)
-        .map_err(|e| format!("{}: {e}", graph_file.display()))?;
-    if info.external.is_empty() {
-        return Ok(info);
-    }
-    let base = graph_file.parent().unwrap_or(model_dir);
-    let listed: HashSet<PathBuf> = listed
-        .iter()
-        .filter_map(|name| fs::canonicalize(model_dir.join(name)).ok())
-        .collect();
-    for ext in &info.external {
-        let context = |reason: String| {
-            format!(
-                "{}: tensor {:?} has external data {:?}: {reason}",
-                graph_file.display(),
-                ext.tensor,
-                ext.location
-            )
-        };
-        let path = check_location(base, &ext.location).map_err(context)?;
-        let size = check_plain_file(&dir, &path).map_err(context)?;
-        let canonical = fs::canonicalize(&path).map_err(|e| context(e.to_string()))?;
-        if !listed.contains(&canonical) {
-            return Err(context(
-                "the file is not listed in the manifest's external_data (so its sha256 is not verified)"
-                    .into(),
-            ));
-        }
-        let end = match ext.length {
-            Some(length) => ext.offset.checked_add(length),
-            None => Some(ext.offset),
-        };
-        if end.is_none_or(|end| end > size) {
-            return Err(context(format!(
-                "offset {} + length {} is beyond the file's {size} bytes",
-                ext.offset,
-                ext.length.map_or("(rest)".into(), |l| l.to_string())
-            )));
-        }
-    }
-    Ok(info)
-}
-
-/// A location must be a plain relative path: no root, drive prefix, `..`, NUL or backslash.
-fn check_location(base: &Path, location: &str) -> Result<PathBuf, String> {
-    if location.is_empty() {
-        return Err("the location is empty".into());
-    }
-    if location.contains('\0') || location.contains('\\') {
-        return Err("the location contains a NUL byte or a backslash".into());
-    }
-    let rel = Path::new(location);
-    for component in rel.components() {
-        match component {
-            Component::Normal(_) | Component::CurDir => {}
-            Component::ParentDir => return Err("the location contains a \"..\" component".into()),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err("the location is an absolute path".into())
-            }
-        }
-    }
-    Ok(base.join(rel))
-}
-
-/// A file the runtime reads from a model directory must be a regular file (not a symlink), have a single
-/// link (a hard link can alias a file outside), and resolve to a path inside `canonical_dir` with no
-/// symlinked directory on the way. Returns its size.
-pub fn check_plain_file(canonical_dir: &Path, path: &Path) -> Result<u64, String> {
-    let meta = fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if meta.file_type().is_symlink() {
-        return Err(format!("{} is a symbolic link", path.display()));
-    }
-    if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if meta.nlink() > 1 {
-            return Err(format!(
-                "{} has {} hard links (a hard link can alias a file outside the model directory)",
-                path.display(),
-                meta.nlink()
-            ));
-        }
-    }
-    let canonical = fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if !canonical.starts_with(canonical_dir) {
-        return Err(format!(
-            "{} resolves to {}, outside the model directory {}",
-            path.display(),
-            canonical.display(),
-            canonical_dir.display()
-        ));
-    }
-    Ok(meta.len())
-}
-
-/// ONNX `TensorProto.DataType` of a manifest dtype.
-fn onnx_elem_type(dtype: TensorDtype) -> u64 {
-    match dtype {
-        TensorDtype::Float32 => 1,
-        TensorDtype::Int64 => 7,
-        TensorDtype::Float16 => 10,
-    }
-}
-
-fn onnx_type_name(elem_type: u64) -> String {
-    match elem_type {
-        1 => "float32".into(),
-        7 => "int64".into(),
-        10 => "float16".into(),
-        11 => "float64".into(),
-        6 => "int32".into(),
-        16 => "bfloat16".into(),
-        other => format!("ONNX type {other}"),
-    }
-}
-
-/// The manifest's tensors against the graph's declared inputs and outputs: every listed name must be
-/// declared, with the same dtype and rank, and every dim fixed on both sides must agree.
-pub fn check_graph_io(spec: &GraphSpec, info: &OnnxInfo) -> Result<(), String> {
-    let sides = [
-        ("input", &spec.inputs, &info.inputs),
-        ("output", &spec.outputs, &info.outputs),
-    ];
-    for (side, expected, declared) in sides {
-        for tensor in expected {
-            let Some(found) = declared.iter().find(|v| v.name == tensor.name) else {
-                return Err(format!(
-                    "the manifest lists {side} {:?}, the graph declares no {side} of that name",
-                    tensor.name
-                ));
-            };
-            check_value(side, tensor, found)?;
-        }
-    }
-    Ok(())
-}
-
-fn check_value(side: &str, tensor: &TensorSpec, found: &ValueInfo) -> Result<(), String> {
-    let name = &tensor.name;
-    let want = onnx_elem_type(tensor.dtype);
-    if let Some(elem) = found.elem_type {
-        if elem != want {
-            return Err(format!(
-                "{side} {name:?}: the manifest says {}, the graph declares {}",
-                tensor.dtype,
-                onnx_type_name(elem)
-            ));
-        }
-    }
-    let Some(dims) = &found.shape else {
-        return Ok(());
-    };
-    let show = |dims: &[Option<i64>]| {
-        let parts: Vec<String> = dims
-            .iter()
-            .map(|d| d.map_or("?".into(), |n| n.to_string()))
-            .collect();
-        format!("[{}]", parts.join(", "))
-    };
-    let manifest_shape = || {
-        let parts: Vec<String> = tensor.shape.iter().map(|d| d.to_string()).collect();
-        format!("[{}]", parts.join(", "))
-    };
-    if dims.len() != tensor.shape.len() {
-        return Err(format!(
-            "{side} {name:?}: the manifest's shape {} has rank {}, the graph declares {} (rank {})",
-            manifest_shape(),
-            tensor.shape.len(),
-            show(dims),
-            dims.len()
-        ));
-    }
-    for (axis, (expected, declared)) in tensor.shape.iter().zip(dims).enumerate() {
-        if let (Dim::Fixed(e), Some(d)) = (expected, declared) {
-            if e != d {
-                return Err(format!(
-                    "{side} {name:?}: dim {axis} is {e} in the manifest ({}), {d} in the graph ({})",
-                    manifest_shape(),
-                    show(dims)
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
+/// Hand-built ONNX protobuf for tests (here and in `model_dir`).
 #[cfg(test)]
-mod tests {
-    use super::*;
-
+pub(crate) mod proto_builder {
     /// Minimal protobuf encoding for hand-built ONNX files.
-    fn varint(mut v: u64, out: &mut Vec<u8>) {
+    pub(crate) fn varint(mut v: u64, out: &mut Vec<u8>) {
         while v >= 0x80 {
             out.push((v as u8) | 0x80);
             v >>= 7;
@@ -697,7 +485,7 @@ mod tests {
         out.push(v as u8);
     }
 
-    fn bytes_field(number: u64, payload: &[u8]) -> Vec<u8> {
+    pub(crate) fn bytes_field(number: u64, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         varint(number << 3 | 2, &mut out);
         varint(payload.len() as u64, &mut out);
@@ -705,21 +493,21 @@ mod tests {
         out
     }
 
-    fn varint_field(number: u64, value: u64) -> Vec<u8> {
+    pub(crate) fn varint_field(number: u64, value: u64) -> Vec<u8> {
         let mut out = Vec::new();
         varint(number << 3, &mut out);
         varint(value, &mut out);
         out
     }
 
-    fn entry(key: &str, value: &str) -> Vec<u8> {
+    pub(crate) fn entry(key: &str, value: &str) -> Vec<u8> {
         let mut e = bytes_field(1, key.as_bytes());
         e.extend(bytes_field(2, value.as_bytes()));
         bytes_field(13, &e)
     }
 
     /// A TensorProto with raw data and the given external_data entries, marked EXTERNAL.
-    fn external_tensor(name: &str, entries: &[(&str, &str)]) -> Vec<u8> {
+    pub(crate) fn external_tensor(name: &str, entries: &[(&str, &str)]) -> Vec<u8> {
         let mut t = varint_field(1, 2); // dims
         t.extend(varint_field(2, 1)); // data_type FLOAT
         t.extend(bytes_field(8, name.as_bytes()));
@@ -731,11 +519,17 @@ mod tests {
         t
     }
 
-    fn model_with_graph(graph: &[u8]) -> Vec<u8> {
+    pub(crate) fn model_with_graph(graph: &[u8]) -> Vec<u8> {
         let mut m = varint_field(1, 8); // ir_version
         m.extend(bytes_field(7, graph));
         m
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proto_builder::*;
+    use super::*;
 
     fn refs(bytes: &[u8]) -> Vec<ExternalRef> {
         match inspect_bytes(bytes) {
@@ -917,97 +711,5 @@ mod tests {
         );
         assert_eq!(info.outputs[0].name, "out");
         assert_eq!(info.outputs[0].shape, None);
-    }
-
-    /// A temporary model directory with one graph file referencing `location`.
-    struct Fixture {
-        root: PathBuf,
-        dir: PathBuf,
-    }
-
-    impl Fixture {
-        fn new(tag: &str) -> Fixture {
-            let root = std::env::temp_dir()
-                .join(format!("llama3v-onnx-file-{tag}-{}", std::process::id()));
-            let _ = fs::remove_dir_all(&root);
-            let dir = root.join("model");
-            fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-            fs::write(dir.join("w.data"), [0u8; 64]).unwrap_or_else(|e| panic!("{e}"));
-            fs::write(root.join("secret"), [7u8; 64]).unwrap_or_else(|e| panic!("{e}"));
-            Fixture { root, dir }
-        }
-
-        fn check(&self, entries: &[(&str, &str)], listed: &[&str]) -> Result<OnnxInfo, String> {
-            let model = model_with_graph(&bytes_field(5, &external_tensor("w", entries)));
-            let graph = self.dir.join("g.onnx");
-            fs::write(&graph, model).unwrap_or_else(|e| panic!("{e}"));
-            check_graph_file(&self.dir, &graph, listed)
-        }
-    }
-
-    impl Drop for Fixture {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.root);
-        }
-    }
-
-    #[test]
-    fn references_outside_the_directory_are_refused() {
-        let fx = Fixture::new("outside");
-        let secret = fx.root.join("secret");
-        std::os::unix::fs::symlink(&secret, fx.dir.join("link.data"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        fs::hard_link(&secret, fx.dir.join("hard.data")).unwrap_or_else(|e| panic!("{e}"));
-        std::os::unix::fs::symlink(&fx.root, fx.dir.join("up")).unwrap_or_else(|e| panic!("{e}"));
-        let abs = secret.display().to_string();
-        let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
-            (vec![("location", abs.as_str())], "absolute path"),
-            (vec![("location", "../secret")], "\"..\" component"),
-            (vec![("location", "sub/../../secret")], "\"..\" component"),
-            (vec![("location", "link.data")], "symbolic link"),
-            (vec![("location", "hard.data")], "hard links"),
-            (
-                vec![("location", "up/secret")],
-                "outside the model directory",
-            ),
-            (vec![("location", "missing.data")], "No such file"),
-            (
-                vec![("location", "w.data"), ("offset", "60"), ("length", "8")],
-                "beyond the file's 64 bytes",
-            ),
-            (
-                vec![("location", "w.data"), ("offset", "65")],
-                "beyond the file's 64 bytes",
-            ),
-            (
-                vec![
-                    ("location", "w.data"),
-                    ("offset", "18446744073709551615"),
-                    ("length", "2"),
-                ],
-                "beyond",
-            ),
-            (vec![("location", "w.data\\..\\x")], "backslash"),
-        ];
-        let listed = ["w.data", "link.data", "hard.data", "up/secret"];
-        for (entries, message) in cases {
-            match fx.check(&entries, &listed) {
-                Err(e) => assert!(e.contains(message), "{entries:?}: {e}"),
-                Ok(_) => panic!("{entries:?} accepted"),
-            }
-        }
-        // An unlisted file inside the directory is refused too: its hash would not be verified.
-        fs::write(fx.dir.join("other.data"), [0u8; 8]).unwrap_or_else(|e| panic!("{e}"));
-        let err = fx.check(&[("location", "other.data")], &listed).err();
-        assert!(
-            err.as_deref().is_some_and(|e| e.contains("not listed")),
-            "{err:?}"
-        );
-        // The well-formed reference passes.
-        let ok = fx.check(
-            &[("location", "w.data"), ("offset", "32"), ("length", "32")],
-            &listed,
-        );
-        assert!(ok.is_ok(), "{ok:?}");
     }
 }

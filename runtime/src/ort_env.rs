@@ -33,7 +33,7 @@ pub fn environment() -> Result<&'static Environment> {
                 .map_err(|e| e.to_string())
         })
         .as_ref()
-        .map_err(|reason| Error::Ort(reason.clone()))
+        .map_err(|reason| Error::OrtLibrary(reason.clone()))
 }
 
 /// `ORT_DYLIB_PATH`, else the newest `libonnxruntime` inside a `.venv` next to the current directory,
@@ -44,7 +44,7 @@ pub fn find_library() -> Result<PathBuf> {
         if path.is_file() {
             return Ok(path);
         }
-        return Err(Error::Ort(format!(
+        return Err(Error::OrtLibrary(format!(
             "{DYLIB_ENV}={} does not name a file",
             path.display()
         )));
@@ -64,7 +64,7 @@ pub fn find_library() -> Result<PathBuf> {
             return Ok(lib);
         }
     }
-    Err(Error::Ort(format!(
+    Err(Error::OrtLibrary(format!(
         "ONNX Runtime's shared library was not found: looked for libonnxruntime.so* under \
          lib/python*/site-packages/onnxruntime/capi in {}. Run ./scripts/setup.sh (installs the \
          onnxruntime wheel into .venv) or set {DYLIB_ENV}",

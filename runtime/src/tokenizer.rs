@@ -8,9 +8,17 @@
 
 use std::path::Path;
 
-use tokenizers::Tokenizer;
+use tokenizers::{
+    DecodeStream, DecodeStreamError, DecoderWrapper, ModelWrapper, NormalizerWrapper,
+    PostProcessorWrapper, PreTokenizerWrapper, Tokenizer,
+};
 
 use crate::error::{Error, Result};
+use crate::read_limit::read_capped;
+
+/// Largest `tokenizer.json` parsed: 64 MiB (Llama-3's is 9 MiB, the largest common ones about 33 MiB).
+/// Parsing holds several times the file in memory, so the size is checked before a byte is read.
+pub const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
 
 /// A text tokenizer loaded from a `tokenizer.json`.
 pub struct TextTokenizer {
@@ -31,8 +39,8 @@ impl TextTokenizer {
     /// Loads a `tokenizer.json` (the Hugging Face `tokenizers` serialization).
     pub fn from_file(path: &Path) -> Result<Self> {
         // Read the file ourselves so a missing file is an `Error::Io` naming the path, not an opaque
-        // message from `tokenizers`.
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        // message from `tokenizers`, and a huge one is refused before parsing.
+        let bytes = read_capped(path, MAX_TOKENIZER_BYTES, "tokenizer file")?;
         let inner = Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         drop(bytes);
@@ -96,44 +104,42 @@ impl TextTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
-
-    /// The wrapped `tokenizers::Tokenizer`.
-    pub fn inner(&self) -> &Tokenizer {
-        &self.inner
-    }
 }
 
-/// Incremental detokenization for streaming output.
+/// `tokenizers`' streaming decoder over the runtime's tokenizer type.
+type TokenizerStream<'a> = DecodeStream<
+    'a,
+    ModelWrapper,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
+/// Incremental detokenization for streaming output: `tokenizers`' [`DecodeStream`], plus the two
+/// things it lacks.
 ///
 /// Each [`push`](Self::push) returns the text that became final with that token; the concatenation of
-/// every `push` result and [`finish`](Self::finish) equals `decode(all ids)` exactly. A multi-byte
-/// character split across byte-level tokens is held back until it is complete, so no U+FFFD is ever
-/// produced by the split itself (a genuinely invalid byte sequence still decodes to U+FFFD, as in
-/// `decode`).
-///
-/// How: the decoder keeps a small window of ids. `prefix` is the decoded text of the ids already
-/// emitted in the window; a push decodes the whole window and emits what follows `prefix`, but only
-/// once that text does not end in U+FFFD (an incomplete character decodes to U+FFFD at the end).
-/// Keeping the previously emitted ids as context matters for decoders whose output for a token
-/// depends on its neighbours (e.g. SentencePiece's leading-space rule); for byte-level BPE it is
-/// cheap. The window restarts at a point where everything before it decoded to complete characters.
+/// every `push` result and [`finish`](Self::finish) equals `decode(all ids)` exactly. `DecodeStream`
+/// holds back a character split across byte-level tokens until it is complete (no U+FFFD from the
+/// split itself), but it has no end of stream: what it still holds when generation stops (an
+/// incomplete character, which `decode` turns into U+FFFD) comes out of `finish` here. And where a
+/// decoder rewrites text it already emitted, `DecodeStream` errors; here the text waits for `finish`.
 pub struct StreamDecoder<'a> {
     tok: &'a TextTokenizer,
     skip_special_tokens: bool,
-    /// Context ids (already emitted) followed by pending ids (not yet emitted).
-    ids: Vec<u32>,
-    /// `ids[..context]` have been emitted.
-    context: usize,
-    /// `decode(ids[..context])`.
-    prefix: String,
+    stream: TokenizerStream<'a>,
+    /// The ids of the last chunk emitted: the context `finish` decodes the held-back ids after.
+    emitted: Vec<u32>,
+    /// Ids pushed since the last chunk, not yet emitted.
+    held: Vec<u32>,
 }
 
 impl std::fmt::Debug for StreamDecoder<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamDecoder")
-            .field("ids", &self.ids)
-            .field("context", &self.context)
-            .field("prefix", &self.prefix)
+            .field("emitted", &self.emitted)
+            .field("held", &self.held)
             .finish_non_exhaustive()
     }
 }
@@ -143,48 +149,45 @@ impl<'a> StreamDecoder<'a> {
         Self {
             tok,
             skip_special_tokens,
-            ids: Vec::new(),
-            context: 0,
-            prefix: String::new(),
+            stream: tok.inner.decode_stream(skip_special_tokens),
+            emitted: Vec::new(),
+            held: Vec::new(),
         }
     }
 
     /// Adds one token; returns the text that became final with it (`""` while a character is
     /// incomplete, or when the token decodes to nothing, e.g. a skipped special token).
     pub fn push(&mut self, id: u32) -> Result<String> {
-        self.ids.push(id);
-        let text = self.tok.decode(&self.ids, self.skip_special_tokens)?;
-        // U+FFFD at the end means "incomplete character so far" for byte-level decoding. It may also be
-        // a genuine U+FFFD (a real token or an invalid sequence): then it is emitted with the next
-        // token, or by `finish`, so the output is the same either way.
-        if text.len() <= self.prefix.len() || text.ends_with(char::REPLACEMENT_CHARACTER) {
-            return Ok(String::new());
+        self.held.push(id);
+        match self.stream.step(id) {
+            Ok(Some(text)) => {
+                self.emitted = std::mem::take(&mut self.held);
+                Ok(text)
+            }
+            Ok(None) => Ok(String::new()),
+            // The decoder changed text it had emitted: nothing can be streamed exactly past this
+            // point, so the rest waits for `finish` (the text is not lost).
+            Err(e) if e.downcast_ref::<DecodeStreamError>().is_some() => Ok(String::new()),
+            Err(e) => Err(Error::Tokenizer(format!("decode: {e}"))),
         }
-        // A decoder whose output for the earlier ids changes when more ids follow cannot be streamed
-        // exactly; wait (the text is not lost: `finish` emits it).
-        let Some(new_text) = text.strip_prefix(self.prefix.as_str()) else {
-            return Ok(String::new());
-        };
-        let new_text = new_text.to_owned();
-        // The ids just emitted become the context for the next push.
-        self.ids.drain(..self.context);
-        self.context = self.ids.len();
-        self.prefix = self.tok.decode(&self.ids, self.skip_special_tokens)?;
-        Ok(new_text)
     }
 
     /// Returns whatever is still held back (an incomplete character decodes to U+FFFD here, as it
     /// does in `decode`) and resets the decoder for a new stream.
     pub fn finish(&mut self) -> Result<String> {
-        let text = self.tok.decode(&self.ids, self.skip_special_tokens)?;
-        let rest = match text.strip_prefix(self.prefix.as_str()) {
+        let prefix = self.tok.decode(&self.emitted, self.skip_special_tokens)?;
+        let mut ids = std::mem::take(&mut self.emitted);
+        ids.append(&mut self.held);
+        let text = self.tok.decode(&ids, self.skip_special_tokens)?;
+        self.stream = self.tok.inner.decode_stream(self.skip_special_tokens);
+        Ok(match text.strip_prefix(prefix.as_str()) {
             Some(rest) => rest.to_owned(),
             // Only for a decoder that rewrites earlier text (see `push`): emit what differs, cut at a
             // character boundary so slicing cannot panic.
             None => {
                 let mut common = text
                     .bytes()
-                    .zip(self.prefix.bytes())
+                    .zip(prefix.bytes())
                     .take_while(|(a, b)| a == b)
                     .count();
                 while !text.is_char_boundary(common) {
@@ -192,11 +195,7 @@ impl<'a> StreamDecoder<'a> {
                 }
                 text[common..].to_owned()
             }
-        };
-        self.ids.clear();
-        self.context = 0;
-        self.prefix.clear();
-        Ok(rest)
+        })
     }
 }
 

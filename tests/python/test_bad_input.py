@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -21,10 +23,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import llama3v
+from helpers import binary, llama3v
 from onnx import numpy_helper
 
 PRESET = "tiny-a"
+# Peak resident memory of a refused model directory whose files are refused before they are read
+# (measured: about 15 MiB); the files in those cases are 1 GiB.
+MODEL_FILES_RSS_MIB = 64
+# A `generate` whose chat template is stopped may hold, beyond a normal `generate` (measured: about
+# 200 MiB, mostly the Llama-3 tokenizer and ONNX Runtime), one string minijinja builds before writing it
+# (100 MB at most: minijinja's own cap) and the capped output: 160 MiB. Unbounded, these templates would
+# write 10 TB or run for hours.
+TEMPLATE_EXTRA_RSS_MIB = 160
+# Seconds such a `generate` may take: loading the model (about 6 s on a loaded 2-core machine) and a render
+# stopped by its limits (0.55 s for the whole fuel budget).
+TEMPLATE_SECONDS = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +124,10 @@ class Case:
     message: str | list[str]
     # Seconds the whole command may take (decode bombs must fail fast), or None.
     within: float | None = None
+    # Peak resident memory (MiB) the command may reach, or None: the bound a size limit protects.
+    max_rss_mib: float | None = None
+    # Peak resident memory (MiB) the command may reach above a normal `generate` on the same model, or None.
+    max_rss_over_generate_mib: float | None = None
 
 
 def gen(model: Path, *extra: str, prompt: str = "hi", max_new_tokens: int = 4) -> list[str]:
@@ -221,6 +238,48 @@ def poison_with_nan(m: Path) -> None:
     rehash(m, "decoder")
 
 
+def sparse(path: Path, size: int) -> None:
+    """Makes `path` a file of `size` bytes that takes no disk space (reading it would cost `size`)."""
+    path.unlink(missing_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def set_template(template: str) -> Callable[[Path], None]:
+    return lambda m: edit_manifest(m, lambda d: d["text"].update(chat_template=template))
+
+
+# Runs argv[2:] as its child and writes the child's peak resident memory (KiB) to the file argv[1]. The
+# CLI is started from this small interpreter, not from pytest: a child's `ru_maxrss` starts at the RSS of
+# the process it was forked from (exec keeps the high-water mark), and pytest with torch holds over 1 GiB.
+MEASURE_PEAK = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(args: list[str], tmp: Path, timeout: float) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Runs the CLI; returns the finished process, its wall time in seconds and its peak resident memory in
+    MiB (the kernel's high-water mark for the process, `ru_maxrss`)."""
+    peak_file = tmp / "peak_kib"
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", MEASURE_PEAK, str(peak_file), binary(), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    elapsed = time.monotonic() - start
+    return proc, elapsed, int(peak_file.read_text()) / 1024
+
+
 def image_case(write: Callable[[Path], bytes]) -> Callable[[Path, Path], list[str]]:
     def build(model: Path, tmp: Path) -> list[str]:
         path = tmp / "input.png"
@@ -323,6 +382,63 @@ CASES = [
         broken_model(poison_with_nan, command="generate"),
         "non-finite logits (NaN or Inf) at decode step 0",
     ),
+    # --- manifest numbers, model file sizes, chat template (bounded before anything is allocated) ---
+    Case(
+        "context length of 10^12",
+        broken_model(lambda m: edit_manifest(m, lambda d: d["model"].update(max_context=10**12)), command="generate"),
+        "model.max_context is 1000000000000, expected 1..=16777216",
+        within=5.0,
+        max_rss_mib=MODEL_FILES_RSS_MIB,
+    ),
+    Case(
+        "stop id outside the vocabulary",
+        broken_model(
+            lambda m: edit_manifest(m, lambda d: d["text"].update(stop_token_ids=[10**6])), command="generate"
+        ),
+        "text.stop_token_ids has 1000000, outside the vocabulary of",
+        within=5.0,
+    ),
+    Case(
+        "resample mode the runtime does not implement",
+        broken_model(lambda m: edit_manifest(m, lambda d: d["image"].update(resample="bilinear"))),
+        'image.resample is "bilinear"; this runtime implements only "bicubic"',
+    ),
+    Case(
+        "do_convert_rgb false",
+        broken_model(lambda m: edit_manifest(m, lambda d: d["image"].update(do_convert_rgb=False))),
+        "image.do_convert_rgb is false",
+    ),
+    Case(
+        "manifest.json of 1 GiB",
+        broken_model(lambda m: sparse(m / "manifest.json", 1 << 30)),
+        "the manifest is 1073741824 bytes, over the limit of 16777216",
+        within=5.0,
+        max_rss_mib=MODEL_FILES_RSS_MIB,
+    ),
+    Case(
+        "tokenizer.json of 1 GiB",
+        broken_model(lambda m: sparse(m / "tokenizer.json", 1 << 30), command="generate"),
+        "the tokenizer file is 1073741824 bytes, over the limit of 67108864",
+        within=5.0,
+        max_rss_mib=MODEL_FILES_RSS_MIB,
+    ),
+    Case(
+        "chat template that multiplies a string into gigabytes",
+        broken_model(set_template("{% for i in range(100000) %}{{ 'x' * 100000000 }}{% endfor %}"), command="generate"),
+        ["chat template: the rendered prompt is over the limit of", "bytes"],
+        within=TEMPLATE_SECONDS,
+        max_rss_over_generate_mib=TEMPLATE_EXTRA_RSS_MIB,
+    ),
+    Case(
+        "chat template that loops 10^10 times",
+        broken_model(
+            set_template("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"),
+            command="generate",
+        ),
+        "chat template: rendering ran over the limit of 5000000 template instructions",
+        within=TEMPLATE_SECONDS,
+        max_rss_over_generate_mib=TEMPLATE_EXTRA_RSS_MIB,
+    ),
     # --- images ---
     Case("image file missing", lambda m, t: gen(m, "--image", str(t / "x.png")), "x.png"),
     Case("zero-size image", image_case(lambda t: b""), ["input.png", "empty input (0 bytes)"], within=1.0),
@@ -383,13 +499,20 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def generate_peak_mib(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> float:
+    """Peak resident memory of a normal one-token `generate` on the model: the baseline of the bounds above."""
+    proc, _, peak = run_measured(gen(model_dir, max_new_tokens=1), tmp_path_factory.mktemp("baseline"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    print(f"baseline generate: peak resident memory {peak:.1f} MiB")
+    return peak
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_is_a_clear_error(case: Case, model_dir: Path, tmp_path: Path) -> None:
+def test_bad_input_is_a_clear_error(case: Case, model_dir: Path, tmp_path: Path, generate_peak_mib: float) -> None:
     args = case.build(model_dir, tmp_path)
-    start = time.monotonic()
-    proc = llama3v(*args, timeout=300)
-    elapsed = time.monotonic() - start
-    print(f"{case.name}: exit {proc.returncode} in {elapsed:.2f} s: {proc.stderr.strip()}")
+    proc, elapsed, peak_mib = run_measured(args, tmp_path, timeout=300)
+    print(f"{case.name}: exit {proc.returncode} in {elapsed:.2f} s, peak {peak_mib:.0f} MiB: {proc.stderr.strip()}")
     assert "panicked" not in proc.stderr
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: ")
@@ -398,6 +521,16 @@ def test_bad_input_is_a_clear_error(case: Case, model_dir: Path, tmp_path: Path)
     if case.within is not None:
         print(f"{case.name}: {elapsed:.3f} s (limit {case.within} s)")
         assert elapsed <= case.within
+    if case.max_rss_mib is not None:
+        print(f"{case.name}: peak resident memory {peak_mib:.1f} MiB (limit {case.max_rss_mib} MiB)")
+        assert peak_mib <= case.max_rss_mib
+    if case.max_rss_over_generate_mib is not None:
+        limit = generate_peak_mib + case.max_rss_over_generate_mib
+        print(
+            f"{case.name}: peak resident memory {peak_mib:.1f} MiB (limit {limit:.1f} MiB: a normal generate's "
+            f"{generate_peak_mib:.1f} + {case.max_rss_over_generate_mib})"
+        )
+        assert peak_mib <= limit
 
 
 def test_valid_external_data_loads_and_generates(model_dir: Path, tmp_path: Path) -> None:
