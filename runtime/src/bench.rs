@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::manifest::resolve_inside;
 use crate::model::Model;
+use crate::request::admit;
 use crate::sampling::argmax;
 
 #[derive(Debug, Clone, Serialize)]
@@ -214,13 +215,14 @@ impl Model {
         let image = &manifest.image;
         let image_tokens = config.images * image.tokens_per_image;
         let prefill_tokens = config.prompt_tokens + image_tokens;
-        if prefill_tokens == 0 || prefill_tokens + 1 > max_context {
+        if prefill_tokens == 0 {
             return Err(Error::ContextOverflow {
                 prompt_tokens: prefill_tokens,
                 max_new_tokens: 1,
                 max_context,
             });
         }
+        admit(self, prefill_tokens, config.images, 1)?;
         let repeats = config.repeats.max(1);
         let mut synth = Synthetic::new(self, config.seed);
 

@@ -17,6 +17,7 @@ use crate::engine::{Engine, EngineConfig, Job};
 use crate::error::Result;
 use crate::generate::{Generation, Timings};
 use crate::model::Model;
+use crate::request::admit;
 use crate::sampling::SamplingParams;
 use crate::sequence::Sink;
 
@@ -119,7 +120,9 @@ impl Model {
             let new = rng
                 .random_range(config.new_tokens.0..=config.new_tokens.1.max(config.new_tokens.0));
             let room = self.max_context().saturating_sub(prompt.len());
-            jobs.push((prompt, pixel_values, usize::from(with_image), new.min(room)));
+            let new = new.min(room);
+            admit(self, prompt.len(), usize::from(with_image), new)?;
+            jobs.push((prompt, pixel_values, usize::from(with_image), new));
         }
         let widest = jobs.iter().map(|j| j.0.len() + j.3).max().unwrap_or(1);
         let done = Done::default();
