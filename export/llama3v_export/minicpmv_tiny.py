@@ -35,7 +35,13 @@ from .tiny import QK_SHARPEN, WEIGHT_GAIN, randomize_
 from .tokenizer import BOS_TOKEN, BOS_TOKEN_ID, _llama3_tiktoken, check_against_tiktoken, llama3_special_tokens
 
 # 2.5's special tokens take these reserved Llama-3 slots (the llama3v release uses the same ids).
-SPECIAL_TOKEN_IDS = {PLACEHOLDER: 128002, IMAGE_START: 128010, IMAGE_END: 128011, SLICE_START: 128020, SLICE_END: 128021}
+SPECIAL_TOKEN_IDS = {
+    PLACEHOLDER: 128002,
+    IMAGE_START: 128010,
+    IMAGE_END: 128011,
+    SLICE_START: 128020,
+    SLICE_END: 128021,
+}
 EOS_TOKEN = "<|end_of_text|>"
 STOP_TOKEN_IDS = [128001, 128009]
 
