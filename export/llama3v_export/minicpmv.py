@@ -310,7 +310,7 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     pixels = array.permute(2, 0, 1).to(torch.float32).div(255)
     mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32)[:, None, None]
     std = torch.tensor(PIXEL_STD, dtype=torch.float32)[:, None, None]
-    return pixels.sub(mean).div(std)
+    return pixels.sub(mean).div(std).contiguous()
 
 
 def image_placeholder(query_num: int) -> str:
