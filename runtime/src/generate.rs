@@ -139,7 +139,7 @@ impl Model {
     ) -> Result<Generation> {
         let start = Instant::now();
         let mut sampler = Sampler::new(request.sampling.clone())?;
-        let prompt = self.prompt_ids(request.messages, request.images.len())?;
+        let prompt = self.prompt_ids(request.messages, request.images)?;
         if prompt.len() + request.max_new_tokens > self.max_context() {
             return Err(Error::ContextOverflow {
                 prompt_tokens: prompt.len(),

@@ -18,6 +18,7 @@ pub mod graph;
 pub mod heap;
 pub mod kv_cache;
 pub mod manifest;
+pub mod minicpmv;
 pub mod model;
 pub mod onnx_file;
 pub mod ort_env;

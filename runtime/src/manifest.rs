@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::minicpmv::MiniCpmvSettings;
 use crate::onnx_file;
 use crate::preprocess::PreprocessConfig;
 
@@ -41,6 +42,23 @@ pub struct Manifest {
     /// How the decoder graph was built (`llama3v-export --decoder`); `plain` when absent.
     #[serde(default)]
     pub decoder_flavour: DecoderFlavour,
+    /// The checkpoint layout the graphs came from; `llava` when absent (older model directories).
+    #[serde(default)]
+    pub layout: Layout,
+    /// Slicing and prompt layout of the `minicpmv` layout (required by it, absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minicpmv: Option<MiniCpmvSettings>,
+}
+
+/// The source checkpoint's layout (onnx/README.md): how images become vision inputs and prompt tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// One fixed-size image per vision input, `tokens_per_image` image tokens per image.
+    #[default]
+    Llava,
+    /// MiniCPM-Llama3-V 2.5: each image cut into an overview and a grid of slices ([`crate::minicpmv`]).
+    Minicpmv,
 }
 
 /// The decoder graph's flavour (onnx/README.md, "Decoder flavours").
@@ -344,6 +362,24 @@ impl Manifest {
                 return Err(format!(
                     "quantization.graphs names an unknown graph {name:?}"
                 ));
+            }
+        }
+        match (self.layout, &self.minicpmv) {
+            (Layout::Llava, None) => {}
+            (Layout::Minicpmv, Some(settings)) => {
+                settings.validate(MAX_IMAGE_SIDE)?;
+                if settings.query_num != self.image.tokens_per_image {
+                    return Err(format!(
+                        "minicpmv query_num {} differs from image.tokens_per_image {}",
+                        settings.query_num, self.image.tokens_per_image
+                    ));
+                }
+            }
+            (Layout::Llava, Some(_)) => {
+                return Err("a minicpmv section in a llava layout manifest".into())
+            }
+            (Layout::Minicpmv, None) => {
+                return Err("layout minicpmv needs the minicpmv section".into())
             }
         }
         expect_io("vision", &self.graphs.vision, 1, 1)?;

@@ -311,7 +311,7 @@ fn execute(
         .enumerate()
         .map(|(i, url)| state.images.load(i, url))
         .collect::<Result<Vec<_>, _>>()?;
-    let prompt = model.prompt_ids(&job.messages, images.len())?;
+    let prompt = model.prompt_ids(&job.messages, &images)?;
     let context = model.max_context();
     let room = context.saturating_sub(prompt.len());
     let max_new_tokens = job
