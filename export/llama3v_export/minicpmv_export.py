@@ -19,8 +19,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
