@@ -245,35 +245,6 @@ fn npy_header(shape: &[usize]) -> Vec<u8> {
     header
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("384"), Ok((384, 384)));
-        assert_eq!(parse_size("224x448"), Ok((224, 448)));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("12x").is_err());
-        assert!(parse_size("abc").is_err());
-    }
-
-    #[test]
-    fn triples() {
-        assert_eq!(parse_triple("0.5"), Ok([0.5; 3]));
-        assert_eq!(parse_triple("0.1, 0.2,0.3"), Ok([0.1, 0.2, 0.3]));
-        assert!(parse_triple("0.1,0.2").is_err());
-    }
-
-    #[test]
-    fn header_is_aligned() {
-        let h = npy_header(&[3, 384, 384]);
-        assert_eq!(h.len() % 64, 0);
-        assert_eq!(h.last(), Some(&b'\n'));
-        assert!(String::from_utf8_lossy(&h).contains("'shape': (3, 384, 384)"));
-    }
-}
-
 /// `--slice-scale`: MiniCPM-V's slices of the image, flat, with their shapes on stdout.
 fn write_slices(args: &PreprocessArgs, scale: u32) -> anyhow::Result<()> {
     let settings = MiniCpmvSettings {
@@ -304,4 +275,33 @@ fn write_slices(args: &PreprocessArgs, scale: u32) -> anyhow::Result<()> {
         .collect();
     println!("{}", serde_json::json!({ "slices": shapes }));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("384"), Ok((384, 384)));
+        assert_eq!(parse_size("224x448"), Ok((224, 448)));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12x").is_err());
+        assert!(parse_size("abc").is_err());
+    }
+
+    #[test]
+    fn triples() {
+        assert_eq!(parse_triple("0.5"), Ok([0.5; 3]));
+        assert_eq!(parse_triple("0.1, 0.2,0.3"), Ok([0.1, 0.2, 0.3]));
+        assert!(parse_triple("0.1,0.2").is_err());
+    }
+
+    #[test]
+    fn header_is_aligned() {
+        let h = npy_header(&[3, 384, 384]);
+        assert_eq!(h.len() % 64, 0);
+        assert_eq!(h.last(), Some(&b'\n'));
+        assert!(String::from_utf8_lossy(&h).contains("'shape': (3, 384, 384)"));
+    }
 }
