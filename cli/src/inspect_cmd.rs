@@ -50,6 +50,8 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
             "graphs": graphs,
             "kv_layout": layout_description(m.decoder_flavour).0,
             "decoder_flavour": m.decoder_flavour.name(),
+            "layout": m.layout,
+            "minicpmv": m.minicpmv,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
@@ -80,6 +82,12 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
         img.image_token,
         img.image_token_id
     );
+    if let Some(s) = &m.minicpmv {
+        println!(
+            "layout     MiniCPM-V 2.5: up to {} slices + overview of ~{}px (patch {}), {} queries per slice",
+            s.max_slice_nums, s.scale_resolution, s.patch_size, s.query_num
+        );
+    }
     println!(
         "text       bos {} ({}), stop ids {:?}",
         m.text.bos_token, m.text.bos_token_id, m.text.stop_token_ids

@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use llama3v::manifest::MAX_IMAGE_SIDE;
+use llama3v::minicpmv::{image_batch, MiniCpmvSettings};
 use llama3v::preprocess::{
-    load_image_timed, pixel_values_timed, preprocess_file, DecodeLimits, PreprocessConfig,
-    StageTimes,
+    load_image, load_image_timed, pixel_values_timed, preprocess_file, DecodeLimits,
+    PreprocessConfig, StageTimes,
 };
 
 #[derive(clap::Args, Debug)]
@@ -50,6 +52,18 @@ pub struct PreprocessArgs {
     /// instead of resizing rows as they are decoded. The values are the same.
     #[arg(long)]
     pub whole_image: bool,
+    /// Slice as MiniCPM-Llama3-V 2.5 does, at this scale resolution (448 in 2.5), instead of
+    /// resizing to `--size`: the output is every slice's [3, h, w] values (overview first, then the
+    /// grid row by row) in one flat array, and stdout gets `{"slices": [[3, h, w], ...]}`. Pixels
+    /// are level / 255 normalized with --mean / --std (--rescale does not apply).
+    #[arg(long)]
+    pub slice_scale: Option<u32>,
+    /// With --slice-scale: the most slices of the grid.
+    #[arg(long, default_value_t = 9, requires = "slice_scale")]
+    pub max_slices: u32,
+    /// With --slice-scale: the patch size every slice side is a multiple of.
+    #[arg(long, default_value_t = 14, requires = "slice_scale")]
+    pub patch: u32,
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
@@ -96,6 +110,9 @@ fn run_in_pool(args: &PreprocessArgs) -> anyhow::Result<()> {
     let (height, width) = args.size;
     if args.std.contains(&0.0) {
         bail!("--std must not contain 0");
+    }
+    if let Some(scale) = args.slice_scale {
+        return write_slices(args, scale);
     }
     let cfg = PreprocessConfig {
         height,
@@ -226,6 +243,38 @@ fn npy_header(shape: &[usize]) -> Vec<u8> {
     header.extend_from_slice(&(dict.len() as u16).to_le_bytes());
     header.extend_from_slice(dict.as_bytes());
     header
+}
+
+/// `--slice-scale`: MiniCPM-V's slices of the image, flat, with their shapes on stdout.
+fn write_slices(args: &PreprocessArgs, scale: u32) -> anyhow::Result<()> {
+    let settings = MiniCpmvSettings {
+        query_num: 1,
+        max_slice_nums: args.max_slices,
+        scale_resolution: scale,
+        patch_size: args.patch,
+        image_start_token: String::new(),
+        image_start_token_id: 0,
+        image_end_token: String::new(),
+        image_end_token_id: 0,
+        slice_start_token: String::new(),
+        slice_start_token_id: 0,
+        slice_end_token: String::new(),
+        slice_end_token_id: 0,
+    };
+    settings
+        .validate(MAX_IMAGE_SIDE)
+        .map_err(|reason| anyhow::anyhow!("--slice-scale, --max-slices, --patch: {reason}"))?;
+    let img = load_image(&args.image, &DecodeLimits::default())?;
+    let batch = image_batch(&[img], &settings, args.mean, args.std);
+    write_npy(&args.out, &[batch.len()], &batch)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    let shapes: Vec<[u32; 3]> = batch
+        .runs
+        .iter()
+        .flat_map(|run| std::iter::repeat_n([3, run.height, run.width], run.count))
+        .collect();
+    println!("{}", serde_json::json!({ "slices": shapes }));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -156,6 +156,15 @@ def _check_image_settings(path: Path, image: dict[str, Any], config: dict[str, A
         raise CheckpointError(f"{path}: unknown image processor resample {image['resample']!r}")
 
 
+def checkpoint_model_type(path: Path) -> str | None:
+    """config.json's `model_type`, which picks the layout (`llava`, or `minicpmv` for MiniCPM-Llama3-V 2.5); None
+    when there is no readable config (load_checkpoint then says what is wrong)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    return _read_json(config).get("model_type")
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     """Find and check every file the export needs; raises CheckpointError naming the first problem."""
     path = Path(path)

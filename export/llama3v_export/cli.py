@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, checkpoint_model_type, load_checkpoint
 from .fused import FLAVOURS, FusedExportError, check_supported
 from .graphs import dims_from_config, export_all, graph_specs, load_model
 from .manifest import build_manifest, write_model_files
@@ -59,6 +59,11 @@ def export_model(
     """
     if quant is not None and dtype != "fp32":
         raise CheckpointError(f"--quant {quant} quantizes an fp32 export; got --dtype {dtype}")
+    if checkpoint_model_type(checkpoint_dir) == "minicpmv":
+        from .minicpmv_export import export_minicpmv  # the MiniCPM-Llama3-V 2.5 layout (onnx/README.md)
+
+        options = (dtype, reference, opset, validate, log, external_data, quant, block_size, decoder)
+        return export_minicpmv(checkpoint_dir, out, *options)
     start = time.perf_counter()
 
     def step(message: str) -> None:

@@ -238,12 +238,23 @@ def make_checkpoint(preset_name: str, out: Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The MiniCPM-Llama3-V 2.5 layout's presets live beside it (minicpmv_tiny builds on this module).
+    from .minicpmv_tiny import MINICPMV_PRESETS, make_minicpmv_checkpoint
+
     parser = argparse.ArgumentParser(prog="llama3v-tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--preset", required=True, choices=sorted([*PRESETS, *MINICPMV_PRESETS]))
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--llama3v-names",
+        action="store_true",
+        help="MiniCPM-V presets: name the weights as the llama3v release does (vison.*, projection.*)",
+    )
     args = parser.parse_args(argv)
-    make_checkpoint(args.preset, args.out, args.seed)
+    if args.preset in MINICPMV_PRESETS:
+        make_minicpmv_checkpoint(args.preset, args.out, args.seed, renamed=args.llama3v_names)
+    else:
+        make_checkpoint(args.preset, args.out, args.seed)
     print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {args.out}")
     return 0
 

@@ -108,13 +108,13 @@ impl Model {
                 config.prompt_tokens.0..=config.prompt_tokens.1.max(config.prompt_tokens.0),
             );
             let mut prompt = vec![manifest.text.bos_token_id];
-            let mut pixel_values = Vec::new();
+            let mut images = Vec::new();
             if with_image {
                 prompt.extend(std::iter::repeat_n(
                     image.image_token_id,
                     image.tokens_per_image,
                 ));
-                pixel_values = self.pixel_values(&[synth.image(image.width, image.height)]);
+                images.push(synth.image(image.width, image.height));
             }
             prompt.extend(synth.ids(text));
             let new = rng
@@ -122,7 +122,7 @@ impl Model {
             let room = self.max_context().saturating_sub(prompt.len());
             let new = new.min(room);
             admit(self, prompt.len(), usize::from(with_image), new)?;
-            jobs.push((prompt, pixel_values, usize::from(with_image), new));
+            jobs.push((prompt, self.pixel_values(&images), images.len(), new));
         }
         let widest = jobs.iter().map(|j| j.0.len() + j.3).max().unwrap_or(1);
         let done = Done::default();

@@ -17,6 +17,7 @@ use crate::model::Model;
 use crate::preprocess::{load_image, DecodeLimits};
 use crate::request::single_turn;
 use crate::sampling::argmax;
+use crate::vision::ImageBatch;
 
 pub(crate) const REFERENCE_DIR: &str = "reference";
 const FORMAT_VERSION: u32 = 1;
@@ -179,6 +180,8 @@ pub(crate) fn load_reference(dir: &Path) -> Result<ReferenceIndex> {
 struct CaseTensors {
     input_ids: Vec<u32>,
     pixel_values: Option<(Vec<usize>, Vec<f32>)>,
+    /// MiniCPM-V: each slice's pixel values `[3, H, W]` (`pixel_values.{i}`), in prompt order.
+    slice_pixels: Vec<(Vec<usize>, Vec<f32>)>,
     image_features: Option<(Vec<usize>, Vec<f32>)>,
     step_logits: (Vec<usize>, Vec<f32>),
 }
@@ -224,12 +227,31 @@ fn load_tensors(dir: &Path, case: &ReferenceCase) -> Result<CaseTensors> {
         })
         .collect::<Result<Vec<u32>>>()?;
     let step_logits = floats("step_logits")?.ok_or_else(|| err("step_logits missing".into()))?;
+    let mut slice_pixels = Vec::new();
+    while let Some(slice) = floats(&format!("pixel_values.{}", slice_pixels.len()))? {
+        slice_pixels.push(slice);
+    }
     Ok(CaseTensors {
         input_ids,
         pixel_values: floats("pixel_values")?,
+        slice_pixels,
         image_features: floats("image_features")?,
         step_logits,
     })
+}
+
+/// The reference's slices (`[3, H, W]` each) as one batch of `images` images.
+fn slice_batch(slices: &[(Vec<usize>, Vec<f32>)], images: usize) -> ImageBatch {
+    let mut batch = ImageBatch {
+        images,
+        ..ImageBatch::default()
+    };
+    for (shape, values) in slices {
+        let dim = |i: usize| shape.get(i).copied().unwrap_or(0) as u32;
+        batch.values.extend_from_slice(values);
+        batch.push_slice(dim(1), dim(2));
+    }
+    batch
 }
 
 /// Max abs diff of two equally long slices; infinite when the lengths differ or a value is not finite.
@@ -321,8 +343,16 @@ impl Model {
             )
         };
 
+        let limits = DecodeLimits::default();
+        let ref_dir = self.dir.join(REFERENCE_DIR);
+        let images = case
+            .images
+            .iter()
+            .map(|name| load_image(&resolve_inside(&ref_dir, name)?, &limits))
+            .collect::<Result<Vec<_>>>()?;
+
         // Tokenization and chat template.
-        let ids = self.prompt_ids(&case.messages(), case.images.len())?;
+        let ids = self.prompt_ids(&case.messages(), &images)?;
         let mismatched = if ids.len() == reference.input_ids.len() {
             ids.iter()
                 .zip(&reference.input_ids)
@@ -345,18 +375,31 @@ impl Model {
 
         // Preprocessing, then the vision graph on the reference's pixel values.
         let mut features = Vec::new();
-        if let Some((shape, ref_pixels)) = &reference.pixel_values {
-            let limits = DecodeLimits::default();
-            let ref_dir = self.dir.join(REFERENCE_DIR);
-            let images = case
-                .images
-                .iter()
-                .map(|name| load_image(&resolve_inside(&ref_dir, name)?, &limits))
-                .collect::<Result<Vec<_>>>()?;
+        let reference_pixels = match (&reference.pixel_values, reference.slice_pixels.is_empty()) {
+            (Some((shape, values)), _) => {
+                let dim = |i: usize| shape.get(i).copied().unwrap_or(0);
+                let (h, w) = (dim(2) as u32, dim(3) as u32);
+                Some(ImageBatch::uniform(values.clone(), dim(0), h, w))
+            }
+            (None, false) => Some(slice_batch(&reference.slice_pixels, images.len())),
+            (None, true) => None,
+        };
+        if let Some(reference_pixels) = reference_pixels {
             let ours = self.pixel_values(&images);
-            measures.push(compare("pixel_values", &ours, ref_pixels, tol.pixel_values));
-            let count = shape.first().copied().unwrap_or(0);
-            features = self.sessions.image_features(ref_pixels, count)?;
+            // Slices of other sizes than the reference's are a preprocessing mismatch too.
+            let mut pixels = compare("pixel_values", &ours, &reference_pixels, tol.pixel_values);
+            if ours.runs != reference_pixels.runs {
+                pixels.measured = f64::INFINITY;
+                pixels.pass = false;
+                pixels.detail = format!(
+                    "slice sizes differ: {:?} runtime, {:?} reference",
+                    ours.runs, reference_pixels.runs
+                );
+            }
+            measures.push(pixels);
+            features = self
+                .sessions
+                .image_features(&reference_pixels, images.len())?;
             if let Some((_, ref_features)) = &reference.image_features {
                 measures.push(compare(
                     "image_features",

@@ -21,6 +21,7 @@ use crate::preprocess::{load_image, DecodeLimits};
 use crate::request::admit;
 use crate::sampling::SamplingParams;
 use crate::sequence::Sink;
+use crate::vision::ImageBatch;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchRow {
@@ -52,9 +53,12 @@ impl BatchCheckReport {
     }
 }
 
+/// Every step's logits, then the generation.
+type Recorded = (Vec<Vec<f32>>, Option<Result<Generation>>);
+
 /// Keeps every step's logits and the generation.
 #[derive(Clone, Default)]
-struct Record(Arc<Mutex<(Vec<Vec<f32>>, Option<Result<Generation>>)>>);
+struct Record(Arc<Mutex<Recorded>>);
 
 impl Sink for Record {
     fn on_text(&mut self, _piece: &str) -> ControlFlow<()> {
@@ -77,7 +81,7 @@ impl Sink for Record {
 struct Planned {
     name: String,
     prompt: Vec<u32>,
-    pixel_values: Vec<f32>,
+    pixel_values: ImageBatch,
     images: usize,
     max_new_tokens: usize,
     arrives_at: usize,
@@ -117,7 +121,7 @@ impl Model {
                     .iter()
                     .map(|name| load_image(&reference.join(name), &DecodeLimits::default()))
                     .collect::<Result<Vec<_>>>()?;
-                let prompt = self.prompt_ids(&case.messages(), images.len())?;
+                let prompt = self.prompt_ids(&case.messages(), &images)?;
                 let max_new_tokens =
                     (*budget).min(self.max_context() - prompt.len().min(self.max_context()));
                 admit(self, prompt.len(), images.len(), max_new_tokens)?;
@@ -219,6 +223,6 @@ fn take(record: &Record) -> Result<(Vec<Vec<f32>>, Generation)> {
     let generation = inner
         .1
         .take()
-        .ok_or_else(|| Error::Ort("a request ended without a result".into()))??;
+        .ok_or_else(|| Error::Internal("a request ended without a result".into()))??;
     Ok((std::mem::take(&mut inner.0), generation))
 }

@@ -66,13 +66,13 @@ pub fn compare_models(
     let tol = Tolerances::for_manifest(&a.manifest);
     let mut cases = Vec::new();
     for case in &index.cases {
-        let ids = a.prompt_ids(&case.messages(), case.images.len())?;
         let ref_dir = a.dir.join(REFERENCE_DIR);
         let images = case
             .images
             .iter()
             .map(|name| load_image(&resolve_inside(&ref_dir, name)?, &DecodeLimits::default()))
             .collect::<Result<Vec<_>>>()?;
+        let ids = a.prompt_ids(&case.messages(), &images)?;
         let pixels = a.pixel_values(&images);
         let mut measures = Vec::new();
 

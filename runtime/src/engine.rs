@@ -35,6 +35,7 @@ use crate::generate::{FinishReason, Timings};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::sequence::{ms, BoxedSink, Sequence, Sink, Stops};
+use crate::vision::ImageBatch;
 
 /// How many sequences decode together and how much cache they may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +73,8 @@ impl EngineConfig {
 /// A request ready to run: prompt ids, preprocessed images, its options and where its text goes.
 pub struct Job<S> {
     pub prompt: Vec<u32>,
-    /// Pixel values of `images` images, CHW each, concatenated ([`Model::pixel_values`]).
-    pub pixel_values: Vec<f32>,
+    /// Preprocessed pixels of `images` images ([`Model::pixel_values`]).
+    pub pixel_values: ImageBatch,
     pub images: usize,
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
@@ -125,6 +126,18 @@ struct Prefilling<'t, S> {
     started: Instant,
 }
 
+/// What [`Engine::on_step`] calls after every decode step.
+type StepObserver<'m> = Box<dyn FnMut(&StepReport) + Send + 'm>;
+
+/// A job taken from the queue: its sequence state and what its prefill needs.
+struct Admitted<'m, S> {
+    sequence: Sequence<'m, S>,
+    pixels: ImageBatch,
+    images: usize,
+    /// Positions the sequence may append after its prompt.
+    reserve: usize,
+}
+
 pub struct Engine<'m, S> {
     model: &'m Model,
     config: EngineConfig,
@@ -135,7 +148,7 @@ pub struct Engine<'m, S> {
     /// Needs (prompt + max new tokens) of the running rows, in row order.
     needs: Vec<usize>,
     logits: Vec<f32>,
-    on_step: Option<Box<dyn FnMut(&StepReport) + Send + 'm>>,
+    on_step: Option<StepObserver<'m>>,
 }
 
 impl<'m, S: Sink> Engine<'m, S> {
@@ -220,7 +233,7 @@ impl<'m, S: Sink> Engine<'m, S> {
         self.waiting = waiting.into();
         for job in cancelled {
             match self.sequence(job) {
-                Ok((sequence, ..)) => sequence.finish(FinishReason::Cancelled),
+                Ok(admitted) => admitted.sequence.finish(FinishReason::Cancelled),
                 Err((sink, err)) => sink.finish(Err(err)),
             }
         }
@@ -233,10 +246,7 @@ impl<'m, S: Sink> Engine<'m, S> {
         rows <= self.config.max_batch && rows.saturating_mul(widest) <= self.config.kv_budget
     }
 
-    fn sequence(
-        &self,
-        job: Job<S>,
-    ) -> std::result::Result<(Sequence<'m, S>, Vec<f32>, usize, usize), (S, Error)> {
+    fn sequence(&self, job: Job<S>) -> std::result::Result<Admitted<'m, S>, (S, Error)> {
         let Job {
             prompt,
             pixel_values,
@@ -269,7 +279,12 @@ impl<'m, S: Sink> Engine<'m, S> {
             timings,
             submitted,
         );
-        Ok((sequence, pixel_values, images, max_new_tokens))
+        Ok(Admitted {
+            sequence,
+            pixels: pixel_values,
+            images,
+            reserve: max_new_tokens,
+        })
     }
 
     /// Starts the oldest waiting request if it fits: its images through the vision graph, its prompt
@@ -285,8 +300,13 @@ impl<'m, S: Sink> Engine<'m, S> {
             return;
         };
         let prompt = job.prompt.clone();
-        let (mut sequence, pixels, images, reserve) = match self.sequence(job) {
-            Ok(parts) => parts,
+        let Admitted {
+            mut sequence,
+            pixels,
+            images,
+            reserve,
+        } = match self.sequence(job) {
+            Ok(admitted) => admitted,
             Err((sink, err)) => return sink.finish(Err(err)),
         };
         let sessions = &self.model.sessions;
@@ -391,7 +411,10 @@ impl<'m, S: Sink> Engine<'m, S> {
                 let _ = self.batch.remove(&sessions.decoder, row);
                 self.needs.remove(row);
                 let sequence = self.running.remove(row);
-                sequence.sink.finish(Err(Error::Ort(err.to_string())));
+                sequence.sink.finish(Err(Error::Graph {
+                    graph: "decoder".into(),
+                    reason: err.to_string(),
+                }));
             }
             return;
         }
@@ -474,7 +497,7 @@ impl EngineThread {
                     publish(&engine);
                 }
             })
-            .map_err(|e| Error::Ort(format!("starting the engine thread: {e}")))?;
+            .map_err(|e| Error::Internal(format!("starting the engine thread: {e}")))?;
         Ok(EngineThread {
             config,
             jobs: Some(jobs),
@@ -484,10 +507,10 @@ impl EngineThread {
     }
 
     /// Queues a job; an error hands the job back when the engine has stopped.
-    pub fn submit(&self, job: Job<BoxedSink>) -> std::result::Result<(), Job<BoxedSink>> {
+    pub fn submit(&self, job: Job<BoxedSink>) -> std::result::Result<(), Box<Job<BoxedSink>>> {
         match &self.jobs {
-            Some(jobs) => jobs.send(job).map_err(|e| e.0),
-            None => Err(job),
+            Some(jobs) => jobs.send(job).map_err(|e| Box::new(e.0)),
+            None => Err(Box::new(job)),
         }
     }
 

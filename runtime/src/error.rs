@@ -27,11 +27,6 @@ pub enum Error {
     #[error("ONNX Runtime: {0}")]
     OrtLibrary(String),
 
-    /// Older spelling of [`Error::Internal`] (the decode-loop modules still use it): a failure of the
-    /// runtime's own invariants, not of ONNX Runtime. New code uses [`Error::Internal`].
-    #[error("internal error: {0}")]
-    Ort(String),
-
     /// A failure of the runtime's own invariants (a bug, not bad input and not ONNX Runtime).
     #[error("internal error: {0}")]
     Internal(String),

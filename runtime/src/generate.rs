@@ -105,7 +105,7 @@ impl Model {
         on_step: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
         let submitted = Instant::now();
-        let prompt = self.prompt_ids(request.messages, request.images.len())?;
+        let prompt = self.prompt_ids(request.messages, request.images)?;
         admit(
             self,
             prompt.len(),
@@ -137,6 +137,6 @@ impl Model {
         });
         engine.run_to_completion();
         drop(engine);
-        result.unwrap_or_else(|| Err(Error::Ort("the engine ended without a result".into())))
+        result.unwrap_or_else(|| Err(Error::Internal("the engine ended without a result".into())))
     }
 }

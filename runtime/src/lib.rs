@@ -20,6 +20,7 @@ pub mod generate;
 pub mod graph;
 pub mod heap;
 pub mod manifest;
+pub mod minicpmv;
 pub mod model;
 pub mod model_dir;
 pub mod onnx_file;

@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::minicpmv::MiniCpmvSettings;
 use crate::preprocess::PreprocessConfig;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -55,6 +56,23 @@ pub struct Manifest {
     /// How the decoder graph was built (`llama3v-export --decoder`); `plain` when absent.
     #[serde(default)]
     pub decoder_flavour: DecoderFlavour,
+    /// The checkpoint layout the graphs came from; `llava` when absent (older model directories).
+    #[serde(default)]
+    pub layout: Layout,
+    /// Slicing and prompt layout of the `minicpmv` layout (required by it, absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minicpmv: Option<MiniCpmvSettings>,
+}
+
+/// The source checkpoint's layout (onnx/README.md): how images become vision inputs and prompt tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// One fixed-size image per vision input, `tokens_per_image` image tokens per image.
+    #[default]
+    Llava,
+    /// MiniCPM-Llama3-V 2.5: each image cut into an overview and a grid of slices ([`crate::minicpmv`]).
+    Minicpmv,
 }
 
 /// The decoder graph's flavour (onnx/README.md, "Decoder flavours").
@@ -321,6 +339,7 @@ impl Manifest {
         let kv = 2 * self.model.num_layers;
         expect_io("decoder", &self.graphs.decoder, 3 + kv, 1 + kv)?;
         self.validate_image()?;
+        self.validate_layout()?;
         self.validate_text()?;
         self.validate_generation()?;
         self.validate_shapes()
@@ -457,6 +476,25 @@ impl Manifest {
             ));
         }
         Ok(())
+    }
+
+    /// The layout's own section is present exactly when the layout needs it, and agrees with `image`.
+    fn validate_layout(&self) -> std::result::Result<(), String> {
+        match (self.layout, &self.minicpmv) {
+            (Layout::Llava, None) => Ok(()),
+            (Layout::Minicpmv, Some(settings)) => {
+                settings.validate(MAX_IMAGE_SIDE)?;
+                if settings.query_num != self.image.tokens_per_image {
+                    return Err(format!(
+                        "minicpmv query_num {} differs from image.tokens_per_image {}",
+                        settings.query_num, self.image.tokens_per_image
+                    ));
+                }
+                Ok(())
+            }
+            (Layout::Llava, Some(_)) => Err("a minicpmv section in a llava layout manifest".into()),
+            (Layout::Minicpmv, None) => Err("layout minicpmv needs the minicpmv section".into()),
+        }
     }
 
     fn validate_text(&self) -> std::result::Result<(), String> {

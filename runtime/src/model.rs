@@ -14,12 +14,13 @@ use crate::ep_config::ResolvedLimits;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, SessionOptions};
 use crate::manifest::{
-    DecoderFlavour, ImageSettings, LoadOptions, Manifest, ModelDims, TensorDtype,
+    DecoderFlavour, ImageSettings, Layout, LoadOptions, Manifest, ModelDims, TensorDtype,
 };
+use crate::minicpmv;
 use crate::preprocess::pixel_values;
 use crate::splice::splice_image_features;
 use crate::tokenizer::TextTokenizer;
-use crate::vision::encode_images;
+use crate::vision::{encode_batch, ImageBatch};
 
 #[derive(Debug, Clone, Default)]
 pub struct ModelOptions {
@@ -47,6 +48,7 @@ pub struct Sessions {
     dims: ModelDims,
     image: ImageSettings,
     flavour: DecoderFlavour,
+    layout: Layout,
     /// Most prompt tokens per decoder run in prefill; 0: the whole prompt in one run.
     prefill_chunk: usize,
 }
@@ -70,6 +72,7 @@ impl Model {
             dtype: manifest.float_dtype(),
             dims: manifest.model.clone(),
             image: manifest.image.clone(),
+            layout: manifest.layout,
             prefill_chunk: options.session.ep.decode.prefill_chunk,
         };
         // Session creation frees its copies of the graphs and weights (see `heap`).
@@ -94,11 +97,32 @@ impl Model {
         [&s.vision, &s.embed, &s.decoder]
     }
 
-    /// Chat template -> token ids, with each image placeholder expanded to tokens-per-image image tokens.
+    /// Chat template -> token ids, with each image's placeholder laid out as the model's layout does.
     ///
-    /// The image token typed in message text counts as a placeholder, as in transformers' processor; the
-    /// number of placeholders must equal `images`.
-    pub fn prompt_ids(&self, messages: &[ChatMessage], images: usize) -> Result<Vec<u32>> {
+    /// LLaVA: each placeholder expands to tokens-per-image image tokens; the image token typed in
+    /// message text counts as a placeholder, as in transformers' processor; the number of placeholders
+    /// must equal the number of images. MiniCPM-V: [`minicpmv::render_prompt`] (slice grids, which
+    /// depend on each image's size).
+    pub fn prompt_ids(&self, messages: &[ChatMessage], images: &[RgbImage]) -> Result<Vec<u32>> {
+        if let Some(layout) = &self.manifest.minicpmv {
+            let unk = &self.manifest.image.image_token;
+            let text = minicpmv::render_prompt(&self.template, messages, images, layout, unk)?;
+            let ids = self.tokenizer.encode(&text)?;
+            // An image-start token typed in the text would misplace every later slice.
+            let markers = ids
+                .iter()
+                .filter(|&&id| id == layout.image_start_token_id)
+                .count();
+            let slices = minicpmv::slice_count(images, layout);
+            if markers != slices {
+                return Err(Error::ImageCount {
+                    markers,
+                    images: slices,
+                });
+            }
+            return Ok(ids);
+        }
+        let images = images.len();
         let text = self.template.render(messages, true)?;
         let ids = self.tokenizer.encode(&text)?;
         let image = &self.manifest.image;
@@ -117,13 +141,18 @@ impl Model {
         Ok(expanded)
     }
 
-    /// Preprocessed pixel values of all images, CHW each, concatenated.
-    pub fn pixel_values(&self, images: &[RgbImage]) -> Vec<f32> {
-        let config = self.manifest.image.preprocess_config();
-        images
+    /// Preprocessed pixel values of all images (MiniCPM-V: of all their slices), CHW each, in order.
+    pub fn pixel_values(&self, images: &[RgbImage]) -> ImageBatch {
+        let image = &self.manifest.image;
+        if let Some(layout) = &self.manifest.minicpmv {
+            return minicpmv::image_batch(images, layout, image.mean, image.std);
+        }
+        let config = image.preprocess_config();
+        let values = images
             .iter()
             .flat_map(|img| pixel_values(img, &config))
-            .collect()
+            .collect();
+        ImageBatch::uniform(values, images.len(), image.height, image.width)
     }
 
     pub fn max_context(&self) -> usize {
@@ -132,18 +161,26 @@ impl Model {
 }
 
 impl Sessions {
-    /// Image feature rows (`count * tokens_per_image` rows of the hidden width) for preprocessed images.
-    pub fn image_features(&self, pixel_values: &[f32], count: usize) -> Result<Vec<f32>> {
-        let dtype = self.dtype;
+    /// Image feature rows (`tokens_per_image` rows of the hidden width per slice; a LLaVA image is
+    /// one slice) for the preprocessed images of `count` images.
+    pub fn image_features(&self, pixels: &ImageBatch, count: usize) -> Result<Vec<f32>> {
         let (h, w) = (self.image.height, self.image.width);
-        let expected = count * 3 * h as usize * w as usize;
-        if pixel_values.len() != expected {
+        let fixed_size = self.layout == Layout::Llava;
+        let sizes_ok = !fixed_size || pixels.runs.iter().all(|r| (r.height, r.width) == (h, w));
+        if pixels.images != count || pixels.len() != pixels.expected_len() || !sizes_ok {
             return Err(self.vision.error(format!(
-                "{} pixel values given for {count} images of 3x{h}x{w}",
-                pixel_values.len()
+                "{} pixel values given for {count} images in {:?} (expected {} images{})",
+                pixels.len(),
+                pixels.runs,
+                pixels.images,
+                if fixed_size {
+                    format!(" of 3x{h}x{w}")
+                } else {
+                    String::new()
+                }
             )));
         }
-        encode_images(&self.vision, dtype, pixel_values, count, h, w)
+        encode_batch(&self.vision, self.dtype, pixels)
     }
 
     /// Token embeddings with the image features spliced into the image-token rows.
@@ -237,8 +274,6 @@ impl SingleSequence {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     /// A server shares one model between request threads.
     #[test]
     fn a_model_can_be_shared_between_threads() {

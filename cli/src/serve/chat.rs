@@ -126,10 +126,7 @@ async fn handle(
             first_token: None,
             _held: (ticket, slot),
         };
-        if let Err((sink, err)) = prepare(&job_state, &model, job, sink) {
-            drop(sink);
-            let _ = tx.send(Event::Failed(err));
-        }
+        prepare(&job_state, &model, job, sink);
     });
 
     let prompt_tokens = match rx.recv().await {
@@ -297,16 +294,12 @@ fn messages(input: Vec<api::Message>) -> Result<(Vec<ChatMessage>, Vec<String>),
 }
 
 /// Runs on a blocking thread: images, prompt and admission checks, then the job goes to the batch
-/// engine. Sends `Started` once the prompt is known to fit; the sink sends the rest.
-fn prepare(
-    state: &AppState,
-    model: &Model,
-    job: Job,
-    sink: ReplySink,
-) -> Result<(), (ReplySink, ApiError)> {
+/// engine. Sends `Started` once the prompt is known to fit, or the error that refused it; the sink
+/// sends the rest.
+fn prepare(state: &AppState, model: &Model, job: Job, sink: ReplySink) {
     let submitted = Instant::now();
     if state.cancel_all.load(Ordering::SeqCst) {
-        return Err((sink, ApiError::unavailable("the server is shutting down")));
+        return sink.fail(ApiError::unavailable("the server is shutting down"));
     }
     // A client that went away stops the work at the next stage boundary: between images, before the
     // prompt, before the engine (which checks again before vision and between prefill chunks).
@@ -322,7 +315,7 @@ fn prepare(
         if sink.is_cancelled() {
             return Err(gone());
         }
-        let prompt = model.prompt_ids(&job.messages, images.len())?;
+        let prompt = model.prompt_ids(&job.messages, &images)?;
         let room = model.limits().max_context.saturating_sub(prompt.len());
         let max_new_tokens = job
             .max_tokens
@@ -341,20 +334,17 @@ fn prepare(
     })();
     let (prompt, pixel_values, images, max_new_tokens, timings) = match built {
         Ok(parts) => parts,
-        Err(err) => return Err((sink, err)),
+        Err(err) => return sink.fail(err),
     };
-    if sink
-        .tx
-        .send(Event::Started {
-            prompt_tokens: prompt.len(),
-        })
-        .is_err()
-    {
-        return Ok(());
-    }
     let Some(engine) = state.engine() else {
-        return Err((sink, ApiError::unavailable("the model is still loading")));
+        return sink.fail(ApiError::unavailable("the model is still loading"));
     };
+    let started = Event::Started {
+        prompt_tokens: prompt.len(),
+    };
+    if sink.tx.send(started).is_err() {
+        return;
+    }
     let job = EngineJob {
         prompt,
         pixel_values,
@@ -368,10 +358,10 @@ fn prepare(
         sink: Box::new(sink) as llama3v::sequence::BoxedSink,
     };
     if let Err(job) = engine.submit(job) {
-        job.sink
-            .finish(Err(llama3v::Error::Ort("the engine has stopped".into())));
+        job.sink.finish(Err(llama3v::Error::Internal(
+            "the engine has stopped".into(),
+        )));
     }
-    Ok(())
 }
 
 /// Hands a generation's text to its handler as the engine makes it; holds the request's ticket and
@@ -384,6 +374,13 @@ struct ReplySink {
     start: Instant,
     first_token: Option<f64>,
     _held: (super::Ticket, super::Slot),
+}
+
+impl ReplySink {
+    /// Ends a request refused before it reached the engine; its ticket and slot go with the sink.
+    fn fail(self, err: ApiError) {
+        let _ = self.tx.send(Event::Failed(err));
+    }
 }
 
 impl Sink for ReplySink {

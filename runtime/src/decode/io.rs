@@ -111,7 +111,7 @@ fn reusable<'a>(
         *slot = Some(tensor.into_dyn());
     }
     slot.as_mut()
-        .ok_or_else(|| Error::Ort("a reusable tensor was not made".into()))
+        .ok_or_else(|| Error::Internal("a reusable tensor was not made".into()))
 }
 
 /// Reads a `[rows, 1, vocab]` logits output into `out` (rows x vocab, row-major).

@@ -169,7 +169,7 @@ pub(crate) fn repack(
     match dtype {
         TensorDtype::Float16 => repack_as::<f16>(dtype, sources, copies, shape),
         TensorDtype::Float32 => repack_as::<f32>(dtype, sources, copies, shape),
-        TensorDtype::Int64 => Err(Error::Ort("a KV cache cannot be int64".into())),
+        TensorDtype::Int64 => Err(Error::Internal("a KV cache cannot be int64".into())),
     }
 }
 
@@ -191,14 +191,14 @@ fn repack_as<T: PrimitiveTensorElementType + Copy + Default + std::fmt::Debug>(
     for copy in copies {
         let source = sources
             .get(copy.source)
-            .ok_or_else(|| Error::Ort("a row copy names no source".into()))?;
+            .ok_or_else(|| Error::Internal("a row copy names no source".into()))?;
         let (src_shape, src) = source.try_extract_tensor::<T>()?;
         let src_positions = src_shape.get(2).copied().unwrap_or(0) as usize;
         let in_bounds = copy.src_start + copy.len <= src_positions
             && copy.dst_start + copy.len <= positions
             && src.len() >= (copy.src_row + 1) * heads * src_positions * width;
         if !in_bounds {
-            return Err(Error::Ort(format!(
+            return Err(Error::Internal(format!(
                 "row copy {copy:?} does not fit {src_shape:?} -> {shape:?}"
             )));
         }

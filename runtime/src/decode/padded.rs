@@ -133,7 +133,7 @@ impl PaddedKv {
 
     pub(crate) fn into_sequence(self) -> Result<SequenceKv> {
         if self.pads != [0] {
-            return Err(Error::Ort(format!(
+            return Err(Error::Internal(format!(
                 "a prefilled sequence is one unpadded row, this cache has pads {:?}",
                 self.pads
             )));
