@@ -23,6 +23,16 @@ pub enum Error {
     #[error("ONNX Runtime: {0}")]
     OnnxRuntime(#[source] ort::Error),
 
+    /// ONNX Runtime could not create a graph's session on the providers that registered.
+    #[error("graph {graph}: creating the session on {providers} failed: {}: {source}", path.display())]
+    Session {
+        graph: String,
+        providers: String,
+        path: PathBuf,
+        #[source]
+        source: ort::Error,
+    },
+
     /// ONNX Runtime's shared library could not be found or loaded.
     #[error("ONNX Runtime: {0}")]
     OrtLibrary(String),

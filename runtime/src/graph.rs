@@ -172,18 +172,16 @@ impl Graph {
                         .find(|p| *p != Provider::Cpu);
                     let rest = first_gpu.and_then(|p| providers.without(p).map(|rest| (p, rest)));
                     let Some((failed, rest)) = rest else {
-                        return Err(Error::Graph {
+                        return Err(Error::Session {
                             graph: name.into(),
-                            reason: format!(
-                                "creating the session on {} failed: {}: {e}",
-                                registered
-                                    .active
-                                    .iter()
-                                    .map(|p| p.name())
-                                    .collect::<Vec<_>>()
-                                    .join(","),
-                                path.display()
-                            ),
+                            providers: registered
+                                .active
+                                .iter()
+                                .map(|p| p.name())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                            path: path.clone(),
+                            source: e,
                         });
                     };
                     warnings.append(&mut registered.warnings);
