@@ -6,7 +6,8 @@ Each replica is started through the container's entry point (deploy/entrypoint.s
 LLAMA3V_SERVE_* variables) on its own port; HAProxy (Debian's `haproxy` package) balances over them by
 least connections, checks `/health` every 250 ms (a replica is out after one failed check, back after two
 good ones) and retries a request on another replica when one refuses the connection, closes it without
-an answer, or answers 503 (loading or draining). Used by tests/python/test_lb_cluster.py, and on its own:
+an answer, or answers 503 (loading or draining; such an answer also takes the replica out at once).
+Used by tests/python/test_cluster.py, and on its own:
 
     .venv/bin/python scripts/lb_cluster.py --replicas 3 --model models/default -- \\
         .venv/bin/python scripts/load_test.py --url {url} --clients 8 --requests 64
@@ -147,6 +148,8 @@ defaults
     # connection) and a 503 (loading or draining) are retried, each time on another replica.
     retries 3
     option redispatch 1
+    # L7 retries resend the request from HAProxy's buffer: wait for the whole body before forwarding.
+    option http-buffer-request
     retry-on conn-failure empty-response 503
 
 frontend llama3v
@@ -158,7 +161,11 @@ backend replicas
     option httpchk
     http-check send meth GET uri /health
     http-check expect status 200
+    # A 5xx answer (a draining replica's 503) marks the replica down at once, before the next health
+    # check: otherwise leastconn would pick the replica that answers fastest, the draining one, again
+    # for the retry.
     default-server inter {inter} fastinter {inter} downinter {inter} fall 1 rise 2
+    default-server observe layer7 error-limit 1 on-error mark-down
 {servers}
 """
 
