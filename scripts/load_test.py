@@ -51,7 +51,7 @@ def png_data_url() -> str:
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     binary = args.binary or str(REPO / "target" / "release" / "llama3v")
     command = [binary, "serve", "--model", str(args.model), "--host", "127.0.0.1", "--port", "0"]
-    command += ["--max-concurrent", str(args.max_concurrent), "--max-queue", str(args.max_queue)]
+    command += ["--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
     command += ["--max-tokens", str(max(args.max_tokens, 1))]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -87,7 +87,7 @@ def main() -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="a running server (ignored with --model)")
     parser.add_argument("--model", type=Path, help="start a server on this model directory")
     parser.add_argument("--binary", help="llama3v binary [target/release/llama3v]")
-    parser.add_argument("--max-concurrent", type=int, default=4, help="server flag, with --model")
+    parser.add_argument("--max-batch", type=int, default=4, help="server flag, with --model")
     parser.add_argument("--max-queue", type=int, default=32, help="server flag, with --model")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=64, help="total requests over all clients")

@@ -142,7 +142,7 @@ def main() -> int:
 
     port = free_port()
     cmd = [args.binary, "serve", "--model", str(args.model), "--port", str(port), "--threads", str(args.threads)]
-    cmd += ["--max-concurrent", "1"]
+    cmd += ["--max-batch", "1"]
     log = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the server)
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"

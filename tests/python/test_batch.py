@@ -105,7 +105,7 @@ def test_serve_decodes_concurrent_requests_together(tiny_models):
     single = metric(text, 'llama3v_batch_size_bucket{le="1"}')
     print(f"decoder runs {runs:.0f}, of them with one sequence {single:.0f}")
     assert runs > single, "no decoder run held more than one sequence"
-    assert metric(text, "llama3v_max_batch") == 4
+    assert metric(text, "llama3v_max_concurrent") == 4
     assert metric(text, "llama3v_sequences_decoding") == 0
     assert metric(text, "llama3v_kv_budget_bytes") > 0
     assert metric(text, "llama3v_inter_token_latency_seconds_count") > 0

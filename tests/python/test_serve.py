@@ -378,7 +378,7 @@ def test_concurrent_greedy_requests_give_the_same_tokens(server: Server, image_u
 
 
 def test_a_full_queue_answers_429(model_dir: Path, image_url: str):
-    with serve(model_dir, "--max-concurrent", "1", "--max-queue", "1") as busy:
+    with serve(model_dir, "--max-batch", "1", "--max-queue", "1") as busy:
         body = {"messages": image_message(image_url), "max_tokens": 400, "temperature": 0, "ignore_eos": True}
         statuses: list[int] = []
         barrier = threading.Barrier(12)

@@ -303,13 +303,6 @@ fn engine_gauges(out: &mut String, engine: &EngineStats) {
         "Requests waiting in the engine for a batch row or KV budget.",
         engine.waiting,
     );
-    single(
-        out,
-        "llama3v_max_batch",
-        "gauge",
-        "Most sequences in one decoder run (--max-batch).",
-        engine.max_batch,
-    );
     let bytes = engine.kv_bytes_per_position;
     single(
         out,
