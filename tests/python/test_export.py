@@ -123,7 +123,13 @@ def test_manifest_matches_the_contract(exports, preset: str) -> None:
         "stop_token_ids": [128001, 128008, 128009],
         "chat_template": (checkpoint / "chat_template.jinja").read_text(),
     }
-    assert manifest["generation"] == {"temperature": 0.6, "top_p": 0.9, "top_k": None, "do_sample": True}
+    assert manifest["generation"] == {
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": None,
+        "do_sample": True,
+        "repetition_penalty": None,
+    }
     provenance = manifest["provenance"]
     assert provenance["exporter"] == "llama3v-export 0.1.0"
     assert provenance["source_checkpoint"] == str(checkpoint.resolve())
