@@ -89,18 +89,20 @@ pub fn admit(
             limits.max_images
         )));
     }
-    if prompt_tokens > limits.max_prompt_tokens {
-        return Err(Error::Admission(format!(
-            "the prompt is {prompt_tokens} tokens, at most {} per request (limits.max_prompt_tokens)",
-            limits.max_prompt_tokens
-        )));
-    }
+    // The context first: a prompt that cannot fit is the client's most common mistake, and OpenAI's
+    // clients know its error (context_length_exceeded).
     if prompt_tokens + max_new_tokens > limits.max_context {
         return Err(Error::ContextOverflow {
             prompt_tokens,
             max_new_tokens,
             max_context: limits.max_context,
         });
+    }
+    if prompt_tokens > limits.max_prompt_tokens {
+        return Err(Error::Admission(format!(
+            "the prompt is {prompt_tokens} tokens, at most {} per request (limits.max_prompt_tokens)",
+            limits.max_prompt_tokens
+        )));
     }
     Ok(())
 }
