@@ -54,6 +54,24 @@ def _token_id(tokenizer: Tokenizer, token: str, source: str) -> int:
     return token_id
 
 
+def model_section(dims) -> dict:
+    """The manifest's `model` dims, the same for every layout."""
+    return {
+        "num_layers": dims.num_layers,
+        "num_attention_heads": dims.num_attention_heads,
+        "num_kv_heads": dims.num_kv_heads,
+        "head_dim": dims.head_dim,
+        "hidden_size": dims.hidden_size,
+        "vocab_size": dims.vocab_size,
+        "max_context": dims.max_context,
+    }
+
+
+def generation_section(generation: dict) -> dict:
+    """The sampling defaults of generation_config.json the runtime resolves requests against; unset ones are null."""
+    return {k: generation.get(k) for k in ("temperature", "top_p", "top_k", "do_sample", "repetition_penalty")}
+
+
 def text_settings(checkpoint: Checkpoint) -> dict[str, Any]:
     """Tokenizer file, BOS, end-of-turn token, stop ids (generation_config.json's eos_token_id) and template."""
     tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_file))
@@ -124,21 +142,10 @@ def build_manifest(
         "dtype": dtype,
         "decoder_flavour": decoder_flavour,
         "graphs": {name: graph_entry(specs[name], files[name]) for name in ("vision", "embed", "decoder")},
-        "model": {
-            "num_layers": dims.num_layers,
-            "num_attention_heads": dims.num_attention_heads,
-            "num_kv_heads": dims.num_kv_heads,
-            "head_dim": dims.head_dim,
-            "hidden_size": dims.hidden_size,
-            "vocab_size": dims.vocab_size,
-            "max_context": dims.max_context,
-        },
+        "model": model_section(dims),
         "image": image_settings(checkpoint, dims),
         "text": text_settings(checkpoint),
-        # Values generation_config.json leaves unset are null.
-        "generation": {
-            k: generation.get(k) for k in ("temperature", "top_p", "top_k", "do_sample", "repetition_penalty")
-        },
+        "generation": generation_section(generation),
         "provenance": {
             "source_checkpoint": str(checkpoint.path.resolve()),
             "exporter": f"llama3v-export {__version__}",

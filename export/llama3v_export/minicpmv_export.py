@@ -52,7 +52,16 @@ from .graphs import (
     grouped_kv_attention,
     write_graph,
 )
-from .manifest import FORMAT, FORMAT_VERSION, _token_id, graph_entry, text_settings, write_model_files
+from .manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    _token_id,
+    generation_section,
+    graph_entry,
+    model_section,
+    text_settings,
+    write_model_files,
+)
 from .quantize import quantization_entry, quantize_graph
 from .reference import STEPS, Case, greedy_config
 from .validate import (
@@ -531,15 +540,7 @@ def build_manifest(checkpoint, model, dims, specs, files, dtype, opset, quantiza
         "dtype": dtype,
         "decoder_flavour": decoder,
         "graphs": {name: graph_entry(specs[name], files[name]) for name in ("vision", "embed", "decoder")},
-        "model": {
-            "num_layers": dims.num_layers,
-            "num_attention_heads": dims.num_attention_heads,
-            "num_kv_heads": dims.num_kv_heads,
-            "head_dim": dims.head_dim,
-            "hidden_size": dims.hidden_size,
-            "vocab_size": dims.vocab_size,
-            "max_context": dims.max_context,
-        },
+        "model": model_section(dims),
         # Per slice: the nominal slice size, the pixel transform, and the placeholder rows its features replace.
         "image": {
             "height": settings.scale_resolution,
@@ -558,7 +559,7 @@ def build_manifest(checkpoint, model, dims, specs, files, dtype, opset, quantiza
         "minicpmv": layout_settings(checkpoint, settings),
         # 2.5's config is itself the Llama config (LLaVA nests it as text_config).
         "text": text_settings(replace(checkpoint, config={**checkpoint.config, "text_config": checkpoint.config})),
-        "generation": {k: generation.get(k) for k in ("temperature", "top_p", "top_k", "do_sample")},
+        "generation": generation_section(generation),
         "provenance": {
             "source_checkpoint": str(checkpoint.path.resolve()),
             "source_layout": "MiniCPM-Llama3-V 2.5",
