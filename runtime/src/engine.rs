@@ -103,7 +103,8 @@ pub struct StepReport {
     pub inter_token: Vec<Duration>,
 }
 
-/// Gauges of the engine's state, published after each iteration.
+/// Gauges of the engine's state, published after each iteration and before any sequence's sink
+/// finishes (so a client that has its reply never reads gauges that still count it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineStats {
     pub waiting: usize,
@@ -149,6 +150,7 @@ pub struct Engine<'m, S> {
     needs: Vec<usize>,
     logits: Vec<f32>,
     on_step: Option<StepObserver<'m>>,
+    published: Option<Arc<Mutex<EngineStats>>>,
 }
 
 impl<'m, S: Sink> Engine<'m, S> {
@@ -170,12 +172,25 @@ impl<'m, S: Sink> Engine<'m, S> {
             needs: Vec::new(),
             logits: Vec::new(),
             on_step: None,
+            published: None,
         }
     }
 
     /// Called after every decode step with what it did.
     pub fn on_step(&mut self, report: impl FnMut(&StepReport) + Send + 'm) {
         self.on_step = Some(Box::new(report));
+    }
+
+    /// Keeps `stats` current: written after every iteration and before any sink finishes.
+    pub fn publish_to(&mut self, stats: Arc<Mutex<EngineStats>>) {
+        self.published = Some(stats);
+        self.publish();
+    }
+
+    fn publish(&self) {
+        if let Some(published) = &self.published {
+            *published.lock().unwrap_or_else(|p| p.into_inner()) = self.stats();
+        }
     }
 
     /// Queues a request. One that could never start (its cache need exceeds the budget) ends at once
@@ -217,6 +232,7 @@ impl<'m, S: Sink> Engine<'m, S> {
         if !self.running.is_empty() {
             self.decode_step();
         }
+        self.publish();
     }
 
     /// Runs until every submitted request has ended.
@@ -231,6 +247,9 @@ impl<'m, S: Sink> Engine<'m, S> {
             .into_iter()
             .partition(|job| job.sink.is_cancelled());
         self.waiting = waiting.into();
+        if !cancelled.is_empty() {
+            self.publish();
+        }
         for job in cancelled {
             match self.sequence(job) {
                 Ok(admitted) => admitted.sequence.finish(FinishReason::Cancelled),
@@ -307,7 +326,10 @@ impl<'m, S: Sink> Engine<'m, S> {
             reserve,
         } = match self.sequence(job) {
             Ok(admitted) => admitted,
-            Err((sink, err)) => return sink.finish(Err(err)),
+            Err((sink, err)) => {
+                self.publish();
+                return sink.finish(Err(err));
+            }
         };
         let sessions = &self.model.sessions;
         let started = Instant::now();
@@ -331,7 +353,10 @@ impl<'m, S: Sink> Engine<'m, S> {
                     started,
                 })
             }
-            Err(err) => sequence.sink.finish(Err(err)),
+            Err(err) => {
+                self.publish();
+                sequence.sink.finish(Err(err))
+            }
         }
     }
 
@@ -342,6 +367,7 @@ impl<'m, S: Sink> Engine<'m, S> {
             return;
         };
         if p.sequence.sink.is_cancelled() {
+            self.publish();
             return p.sequence.finish(FinishReason::Cancelled);
         }
         let hidden = self.model.manifest.model.hidden_size;
@@ -359,6 +385,7 @@ impl<'m, S: Sink> Engine<'m, S> {
             &mut self.logits,
         );
         if let Err(err) = run {
+            self.publish();
             return p.sequence.sink.finish(Err(err));
         }
         p.done = end;
@@ -374,8 +401,14 @@ impl<'m, S: Sink> Engine<'m, S> {
             ..
         } = p;
         match sequence.advance(&self.logits) {
-            Err(err) => sequence.sink.finish(Err(err)),
-            Ok((Some(reason), _)) => sequence.finish(reason),
+            Err(err) => {
+                self.publish();
+                sequence.sink.finish(Err(err))
+            }
+            Ok((Some(reason), _)) => {
+                self.publish();
+                sequence.finish(reason)
+            }
             Ok((None, _)) => {
                 let need = rows + reserve;
                 let joined = prefill
@@ -386,7 +419,10 @@ impl<'m, S: Sink> Engine<'m, S> {
                         self.running.push(sequence);
                         self.needs.push(need);
                     }
-                    Err(err) => sequence.sink.finish(Err(err)),
+                    Err(err) => {
+                        self.publish();
+                        sequence.sink.finish(Err(err))
+                    }
                 }
             }
         }
@@ -409,8 +445,11 @@ impl<'m, S: Sink> Engine<'m, S> {
             // The batch's cache is as it was before the run, but its sequences cannot go on.
             for row in (0..self.running.len()).rev() {
                 let _ = self.batch.remove(&sessions.decoder, row);
-                self.needs.remove(row);
-                let sequence = self.running.remove(row);
+            }
+            self.needs.clear();
+            let failed = std::mem::take(&mut self.running);
+            self.publish();
+            for sequence in failed {
                 sequence.sink.finish(Err(Error::Graph {
                     graph: "decoder".into(),
                     reason: err.to_string(),
@@ -436,11 +475,18 @@ impl<'m, S: Sink> Engine<'m, S> {
                 Err(err) => ended.push((row, Err(err))),
             }
         }
+        let mut left = Vec::with_capacity(ended.len());
         for (row, outcome) in ended.into_iter().rev() {
             let sequence = self.running.remove(row);
             self.needs.remove(row);
-            let left = self.batch.remove(&sessions.decoder, row);
-            match (outcome, left) {
+            let removed = self.batch.remove(&sessions.decoder, row);
+            left.push((sequence, outcome, removed));
+        }
+        if !left.is_empty() {
+            self.publish();
+        }
+        for (sequence, outcome, removed) in left {
+            match (outcome, removed) {
                 (Ok(reason), Ok(())) => sequence.finish(reason),
                 (Err(err), _) | (_, Err(err)) => sequence.sink.finish(Err(err)),
             }
@@ -477,10 +523,7 @@ impl EngineThread {
             .spawn(move || {
                 let mut engine = Engine::new(&model, config);
                 engine.on_step(on_step);
-                let publish = |engine: &Engine<'_, BoxedSink>| {
-                    *published.lock().unwrap_or_else(|p| p.into_inner()) = engine.stats();
-                };
-                publish(&engine);
+                engine.publish_to(published);
                 loop {
                     if engine.is_idle() {
                         // Nothing to do until a job arrives; the channel closes when the server ends.
@@ -492,9 +535,8 @@ impl EngineThread {
                     while let Ok(job) = inbox.try_recv() {
                         engine.submit(job);
                     }
-                    publish(&engine);
+                    engine.publish();
                     engine.iterate();
-                    publish(&engine);
                 }
             })
             .map_err(|e| Error::Internal(format!("starting the engine thread: {e}")))?;
