@@ -9,7 +9,8 @@ use clap::Args;
 use llama3v::chat_template::{ChatMessage, ContentPart};
 use llama3v::generate::Request;
 use llama3v::manifest::GenerationDefaults;
-use llama3v::preprocess::{load_image, DecodeLimits};
+use llama3v::preprocess::{read_image_file, DecodeLimits};
+use llama3v::request_limits::{load_images, EncodedImage, RequestLimits};
 use llama3v::sampling::SamplingParams;
 use serde_json::json;
 
@@ -28,8 +29,9 @@ pub struct GenerateArgs {
     /// Optional system prompt
     #[arg(long)]
     pub system: Option<String>,
-    #[arg(long, default_value_t = 256)]
-    pub max_new_tokens: usize,
+    /// Most tokens to generate, at least 1 (as serve's max_tokens)
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_new_tokens: u32,
     /// 0 = greedy [default: the model's generation_config]
     #[arg(long)]
     pub temperature: Option<f32>,
@@ -77,15 +79,19 @@ fn sampling_params(args: &GenerateArgs, defaults: &GenerationDefaults) -> Sampli
 }
 
 pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
-    let limits = DecodeLimits::default();
-    let images = args
+    let decode_limits = DecodeLimits::default();
+    let request_limits = RequestLimits::default();
+    // Files are read (regular files only, size-capped) before the model loads, to fail fast.
+    let encoded = args
         .image
         .iter()
-        .map(|path| load_image(path, &limits))
-        .collect::<Result<Vec<_>, _>>()?;
-    let model = args.model.load()?;
-    let sampling = sampling_params(args, &model.manifest.generation);
-    sampling.validate()?;
+        .map(|path| {
+            Ok(EncodedImage {
+                name: path.display().to_string(),
+                bytes: read_image_file(path, &decode_limits)?,
+            })
+        })
+        .collect::<Result<Vec<_>, llama3v::Error>>()?;
 
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
@@ -94,16 +100,25 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
             content: vec![ContentPart::Text(system.clone())],
         });
     }
-    let mut content: Vec<ContentPart> = images.iter().map(|_| ContentPart::Image).collect();
+    let mut content: Vec<ContentPart> = encoded.iter().map(|_| ContentPart::Image).collect();
     content.push(ContentPart::Text(args.prompt.clone()));
     messages.push(ChatMessage {
         role: "user".into(),
         content,
     });
+    request_limits.check_prompt(&messages)?;
+
+    let model = args.model.load()?;
+    let sampling = sampling_params(args, &model.manifest.generation);
+    sampling.validate()?;
+    let size = (model.manifest.image.width, model.manifest.image.height);
+    let images = load_images(encoded, &decode_limits, &request_limits, size, &mut || {
+        Ok(())
+    })?;
     let request = Request {
         messages: &messages,
         images: &images,
-        max_new_tokens: args.max_new_tokens,
+        max_new_tokens: args.max_new_tokens as usize,
         sampling,
         ignore_stop: args.ignore_eos,
     };

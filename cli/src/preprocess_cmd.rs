@@ -46,8 +46,9 @@ pub struct PreprocessArgs {
     /// (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Decode the whole image, then resize it (the path `generate` and `serve` take),
-    /// instead of resizing rows as they are decoded. The values are the same.
+    /// Decode the whole image, then resize it (the path `check` takes), instead of resizing
+    /// rows as they are decoded (the default, and the path `generate` and `serve` take).
+    /// The values are the same.
     #[arg(long)]
     pub whole_image: bool,
 }

@@ -60,6 +60,15 @@ pub enum Error {
         max_context: usize,
     },
 
+    /// A request over one of its bounds (`request_limits`), found before the work that would cost it.
+    #[error("request too large: {what}: {found} {unit}, more than the limit of {limit} {unit}")]
+    RequestLimit {
+        what: String,
+        found: u64,
+        limit: u64,
+        unit: &'static str,
+    },
+
     #[error("graph {graph}: {reason}")]
     Graph { graph: String, reason: String },
 

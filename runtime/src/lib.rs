@@ -22,9 +22,11 @@ pub mod model;
 pub mod onnx_file;
 pub mod ort_env;
 pub mod preprocess;
+pub mod request_limits;
 pub mod sampling;
 pub mod splice;
 pub mod tokenizer;
+pub mod user_text;
 pub mod vision;
 
 pub use error::{Error, Result};

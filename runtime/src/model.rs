@@ -18,6 +18,7 @@ use crate::manifest::{
 use crate::preprocess::pixel_values;
 use crate::splice::splice_image_features;
 use crate::tokenizer::TextTokenizer;
+use crate::user_text::PlainUserText;
 use crate::vision::encode_images;
 
 #[derive(Debug, Clone, Default)]
@@ -32,6 +33,8 @@ pub struct Model {
     pub tokenizer: TextTokenizer,
     pub template: ChatTemplate,
     pub sessions: Sessions,
+    /// Set by [`Model::read_special_tokens_as_text`]: special tokens spelled in message text are text.
+    plain_user_text: Option<PlainUserText>,
 }
 
 /// The three graph sessions and what running them needs from the manifest. Kept apart from the
@@ -108,6 +111,7 @@ impl Model {
             tokenizer,
             template,
             sessions,
+            plain_user_text: None,
         })
     }
 
@@ -118,11 +122,15 @@ impl Model {
 
     /// Chat template -> token ids, with each image placeholder expanded to tokens-per-image image tokens.
     ///
-    /// The image token typed in message text counts as a placeholder, as in transformers' processor; the
-    /// number of placeholders must equal `images`.
+    /// The image token typed in message text counts as a placeholder, as in transformers' processor
+    /// (unless [`Model::read_special_tokens_as_text`] was called); the number of placeholders must
+    /// equal `images`.
     pub fn prompt_ids(&self, messages: &[ChatMessage], images: usize) -> Result<Vec<u32>> {
         let text = self.template.render(messages, true)?;
-        let ids = self.tokenizer.encode(&text)?;
+        let ids = match &self.plain_user_text {
+            None => self.tokenizer.encode(&text)?,
+            Some(plain) => plain.encode(&self.template, &self.tokenizer, messages, &text)?,
+        };
         let image = &self.manifest.image;
         let markers = ids.iter().filter(|&&id| id == image.image_token_id).count();
         if markers != images {
@@ -137,6 +145,12 @@ impl Model {
             }
         }
         Ok(expanded)
+    }
+
+    /// From now on, special tokens (and the image token) spelled in message text are tokenized as
+    /// plain text; the template's own stay special (`user_text`). Costs a second copy of the tokenizer.
+    pub fn read_special_tokens_as_text(&mut self) {
+        self.plain_user_text = Some(PlainUserText::new(&self.tokenizer));
     }
 
     /// Preprocessed pixel values of all images, CHW each, concatenated.

@@ -15,34 +15,20 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, StreamExt};
-use llama3v::chat_template::{ChatMessage, ContentPart};
 use llama3v::generate::{FinishReason, Generation, Request};
-use llama3v::sampling::SamplingParams;
+use llama3v::request_limits::load_images;
 use llama3v::Model;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::api::{self, ChatCompletionRequest, Content, Part, ReplyHeader, Stop};
+use super::api::{self, ReplyHeader};
 use super::errors::ApiError;
+use super::request::{parse_request, validate, Job};
 use super::AppState;
 
 const ENDPOINT: &str = "/v1/chat/completions";
-/// OpenAI's limit on stop sequences.
-const MAX_STOP_STRINGS: usize = 4;
 /// Text pieces buffered between the generating thread and a slow client before generation waits.
 const STREAM_BUFFER: usize = 64;
-
-/// A validated request, ready to run.
-struct Job {
-    messages: Vec<ChatMessage>,
-    /// Image URLs in placeholder order.
-    image_urls: Vec<String>,
-    sampling: SamplingParams,
-    max_tokens: Option<usize>,
-    stop: Vec<String>,
-    ignore_eos: bool,
-    stream: bool,
-}
 
 /// What the generating thread tells the handler.
 enum Event {
@@ -81,8 +67,8 @@ async fn handle(
             ApiError::bad_request(format!("could not read the request body: {rejection}"))
         }
     })?;
-    let request: ChatCompletionRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
+    let request = parse_request(&body)?;
+    drop(body);
     if state.shutting_down.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable("the server is shutting down"));
     }
@@ -95,7 +81,7 @@ async fn handle(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let job = validate(request, state, &model)?;
+    let job = validate(request, &state.limits, &model.manifest.generation)?;
     let stream = job.stream;
 
     let ticket = state.scheduler.admit()?;
@@ -136,168 +122,12 @@ async fn handle(
     }
 }
 
-fn validate(
-    request: ChatCompletionRequest,
-    state: &AppState,
-    model: &Model,
-) -> Result<Job, ApiError> {
-    if request.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
-    }
-    for (name, value) in [
-        ("frequency_penalty", request.frequency_penalty),
-        ("presence_penalty", request.presence_penalty),
-    ] {
-        if value.is_some_and(|v| v != 0.0) {
-            return Err(ApiError::invalid_param(
-                name,
-                format!("{name} is not supported (use repetition_penalty)"),
-            ));
-        }
-    }
-    if request.logprobs == Some(true) {
-        return Err(ApiError::invalid_param(
-            "logprobs",
-            "logprobs are not supported",
-        ));
-    }
-    if request
-        .tools
-        .as_ref()
-        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return Err(ApiError::invalid_param("tools", "tools are not supported"));
-    }
-    if let Some(format) = &request.response_format {
-        if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::invalid_param(
-                "response_format",
-                "only response_format {\"type\": \"text\"} is supported",
-            ));
-        }
-    }
-    let (messages, image_urls) = messages(request.messages)?;
-    if image_urls.len() > state.limits.max_images {
-        return Err(ApiError::invalid_param(
-            "messages",
-            format!(
-                "the request has {} images, more than the limit of {}",
-                image_urls.len(),
-                state.limits.max_images
-            ),
-        ));
-    }
-    let max_tokens = request
-        .max_completion_tokens
-        .or(request.max_tokens)
-        .map(|n| check_max_tokens(n, state.limits.max_tokens))
-        .transpose()?;
-    let stop = match request.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(list)) => list,
-    };
-    if stop.len() > MAX_STOP_STRINGS || stop.iter().any(String::is_empty) {
-        return Err(ApiError::invalid_param(
-            "stop",
-            format!(
-                "stop must be at most {MAX_STOP_STRINGS} non-empty strings, got {:?}",
-                stop
-            ),
-        ));
-    }
-    let defaults = &model.manifest.generation;
-    let samples = defaults.do_sample.unwrap_or(false);
-    // The request wins; otherwise the checkpoint's generation_config, as `llama3v generate` does.
-    let sampling = SamplingParams {
-        temperature: request.temperature.unwrap_or(if samples {
-            defaults.temperature.unwrap_or(1.0)
-        } else {
-            0.0
-        }),
-        top_k: request
-            .top_k
-            .or(if samples { defaults.top_k } else { None }),
-        top_p: request
-            .top_p
-            .or(if samples { defaults.top_p } else { None }),
-        repetition_penalty: request.repetition_penalty.unwrap_or(1.0),
-        seed: request.seed,
-    };
-    sampling.validate().map_err(ApiError::from)?;
-    Ok(Job {
-        messages,
-        image_urls,
-        sampling,
-        max_tokens,
-        stop,
-        ignore_eos: request.ignore_eos.unwrap_or(false),
-        stream: request.stream.unwrap_or(false),
-    })
-}
-
-fn check_max_tokens(requested: u64, limit: usize) -> Result<usize, ApiError> {
-    match usize::try_from(requested) {
-        Ok(n) if n >= 1 && n <= limit => Ok(n),
-        _ => Err(ApiError::invalid_param(
-            "max_tokens",
-            format!("max_tokens must be in 1..={limit} (this server's limit), got {requested}"),
-        )),
-    }
-}
-
-/// OpenAI messages -> the runtime's messages, with image URLs pulled out in placeholder order.
-fn messages(input: Vec<api::Message>) -> Result<(Vec<ChatMessage>, Vec<String>), ApiError> {
-    if input.is_empty() {
-        return Err(ApiError::invalid_param("messages", "messages is empty"));
-    }
-    let mut messages = Vec::with_capacity(input.len());
-    let mut urls = Vec::new();
-    for message in input {
-        let role = match message.role.as_str() {
-            "system" | "developer" => "system",
-            "user" => "user",
-            "assistant" => "assistant",
-            other => {
-                let expected = "expected system, developer, user or assistant";
-                let message = format!("unsupported role {other:?} ({expected})");
-                return Err(ApiError::invalid_param("messages", message));
-            }
-        };
-        let content = match message.content {
-            None => Vec::new(),
-            Some(Content::Text(text)) => vec![ContentPart::Text(text)],
-            Some(Content::Parts(parts)) => parts
-                .into_iter()
-                .map(|part| match part {
-                    Part::Text { text } => ContentPart::Text(text),
-                    Part::ImageUrl { image_url } => {
-                        urls.push(image_url.url().to_string());
-                        ContentPart::Image
-                    }
-                })
-                .collect(),
-        };
-        if role != "user" && content.contains(&ContentPart::Image) {
-            return Err(ApiError::invalid_param(
-                "messages",
-                format!("images are accepted in user messages only, found one in a {role} message"),
-            ));
-        }
-        messages.push(ChatMessage {
-            role: role.into(),
-            content,
-        });
-    }
-    Ok((messages, urls))
-}
-
 /// Runs on a blocking thread: images, prompt, generation. Sends `Started` once the prompt is known to
 /// fit, text pieces while streaming, and `Done` at the end.
 fn execute(
     state: &AppState,
     model: &Model,
-    job: Job,
+    mut job: Job,
     tx: &mpsc::Sender<Event>,
     id: &str,
 ) -> Result<(), ApiError> {
@@ -305,12 +135,21 @@ fn execute(
     if state.cancel_all.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable("the server is shutting down"));
     }
-    let images = job
-        .image_urls
-        .iter()
+    // Each URL (up to the body's size) is dropped once its bytes are out.
+    let encoded = std::mem::take(&mut job.image_urls)
+        .into_iter()
         .enumerate()
-        .map(|(i, url)| state.images.load(i, url))
+        .map(|(i, url)| state.images.fetch(i, &url))
         .collect::<Result<Vec<_>, _>>()?;
+    let size = (model.manifest.image.width, model.manifest.image.height);
+    // Headers against the pixel budget first, then one image at a time at the model's size.
+    let images = load_images(
+        encoded,
+        &state.images.limits,
+        &state.limits.request,
+        size,
+        &mut || Ok(()),
+    )?;
     let prompt = model.prompt_ids(&job.messages, images.len())?;
     let context = model.max_context();
     let room = context.saturating_sub(prompt.len());
@@ -495,49 +334,4 @@ fn done_events(
     }
     events.push(SseEvent::default().data("[DONE]"));
     events
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn max_tokens_outside_the_limit_is_refused_with_both_numbers() {
-        assert_eq!(check_max_tokens(16, 64).unwrap(), 16);
-        let err = check_max_tokens(65, 64).unwrap_err();
-        assert_eq!(err.status, StatusCode::BAD_REQUEST);
-        assert!(
-            err.message.contains("64") && err.message.contains("65"),
-            "{}",
-            err.message
-        );
-        assert!(check_max_tokens(0, 64).is_err());
-    }
-
-    #[test]
-    fn roles_map_and_images_are_pulled_out_in_order() {
-        let input: Vec<api::Message> = serde_json::from_value(json!([
-            {"role": "developer", "content": "sys"},
-            {"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "a"}},
-                {"type": "text", "text": "q"},
-                {"type": "image_url", "image_url": {"url": "b"}}
-            ]}
-        ]))
-        .unwrap();
-        let (messages, urls) = messages(input).unwrap();
-        assert_eq!(messages[0].role, "system");
-        assert_eq!(
-            messages[1].content,
-            [
-                ContentPart::Image,
-                ContentPart::Text("q".into()),
-                ContentPart::Image
-            ]
-        );
-        assert_eq!(urls, ["a", "b"]);
-        let bad: Vec<api::Message> =
-            serde_json::from_value(json!([{"role": "tool", "content": "x"}])).unwrap();
-        assert!(super::messages(bad).is_err());
-    }
 }
