@@ -43,7 +43,7 @@ def make_inputs(work: Path) -> dict[str, str]:
 
 class Server:
     def __init__(self, binary: str, model: str, threads: int | None):
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")  # noqa: SIM115 (lives as long as the server)
         extra = ["--threads", str(threads)] if threads else []
         self.proc = subprocess.Popen(
             [binary, "serve", "--model", model, "--port", "0", *extra],

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use llama3v::chat_template::{ChatMessage, ContentPart};
 use llama3v::generate::Request;
-use llama3v::manifest::GenerationDefaults;
+use llama3v::manifest::{GenerationDefaults, Manifest};
 use llama3v::preprocess::{read_image_file, DecodeLimits};
 use llama3v::request_limits::{load_images, EncodedImage, RequestLimits};
 use llama3v::sampling::SamplingParams;
@@ -108,13 +108,27 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
     });
     request_limits.check_prompt(&messages)?;
 
-    let model = args.model.load()?;
+    // Images are decoded before the model loads, so a bad image fails fast; their size comes from
+    // the manifest alone. A manifest that does not parse is reported by the model's load.
+    let manifest_size = std::fs::read_to_string(args.model.model_dir().join("manifest.json"))
+        .ok()
+        .and_then(|text| Manifest::parse(&text).ok())
+        .map(|m| (m.image.width, m.image.height));
+    let decode = |encoded, size| {
+        load_images(encoded, &decode_limits, &request_limits, size, &mut || {
+            Ok(())
+        })
+    };
+    let (images, model) = match manifest_size {
+        Some(size) => (decode(encoded, size)?, args.model.load()?),
+        None => {
+            let model = args.model.load()?;
+            let size = (model.manifest.image.width, model.manifest.image.height);
+            (decode(encoded, size)?, model)
+        }
+    };
     let sampling = sampling_params(args, &model.manifest.generation);
     sampling.validate()?;
-    let size = (model.manifest.image.width, model.manifest.image.height);
-    let images = load_images(encoded, &decode_limits, &request_limits, size, &mut || {
-        Ok(())
-    })?;
     let request = Request {
         messages: &messages,
         images: &images,

@@ -37,9 +37,11 @@
 //!
 //! Speed without changing a value: the resize's passes run over row bands in parallel on
 //! the current rayon pool, with AVX2 kernels where the CPU has them (`resize.rs`). And
-//! [`preprocess_image`] feeds decoded rows of JPEGs and fast-path PNGs to the horizontal
-//! pass as they come out of the decoder, on a second thread when the pool has one, so the
-//! full-size image is never held and decoding overlaps resizing.
+//! [`decode_image_resized`] (the path `generate` and `serve` take, through
+//! `request_limits::load_images`, and [`preprocess_image`]) feeds decoded rows of JPEGs and
+//! fast-path PNGs to the horizontal pass as they come out of the decoder, on a second
+//! thread when the pool has one, so the full-size image is never held and decoding
+//! overlaps resizing (docs/PERFORMANCE.md, "Preprocessing on the request path").
 //!
 //! Known differences from the reference: Pillow 12 and older always resize horizontally
 //! first, so against references made with them, images whose height shrinks much more than

@@ -168,15 +168,18 @@ mod tests {
 
     #[test]
     fn images_over_the_budget_are_refused_before_decoding() {
-        // A PNG header claiming 4000 x 4000 pixels and no image data: only the header is read.
+        // A PNG claiming 4000 x 4000 pixels whose image data is garbage: only the header is read.
         let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-        let mut ihdr = b"IHDR".to_vec();
-        ihdr.extend(4000u32.to_be_bytes());
-        ihdr.extend(4000u32.to_be_bytes());
-        ihdr.extend([8, 2, 0, 0, 0]);
-        png.extend(13u32.to_be_bytes());
-        png.extend(&ihdr);
-        png.extend(crc32fast::hash(&ihdr).to_be_bytes());
+        let mut chunk = |kind: &[u8], data: &[u8]| {
+            let body = [kind, data].concat();
+            png.extend((data.len() as u32).to_be_bytes());
+            png.extend(&body);
+            png.extend(crc32fast::hash(&body).to_be_bytes());
+        };
+        let ihdr = [4000u32.to_be_bytes(), 4000u32.to_be_bytes()].concat();
+        chunk(b"IHDR", &[&ihdr[..], &[8, 2, 0, 0, 0]].concat());
+        chunk(b"IDAT", b"not zlib data");
+        chunk(b"IEND", b"");
         let encoded = vec![EncodedImage {
             name: "0".into(),
             bytes: png,

@@ -247,9 +247,7 @@ KNOWN_DIFFERENCES: dict[str, str] = {}
 @pytest.mark.parametrize("path", ["streamed", "whole-image"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_matches_siglip_processor(
-    image_dir: Path, tmp_path: Path, name: str, size: tuple[int, int], path: str
-) -> None:
+def test_matches_siglip_processor(image_dir: Path, tmp_path: Path, name: str, size: tuple[int, int], path: str) -> None:
     height, width = size
     image = image_dir / name
     extra = ["--whole-image"] if path == "whole-image" else []

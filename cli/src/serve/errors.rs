@@ -116,7 +116,7 @@ impl From<llama3v::Error> for ApiError {
                 ..Self::bad_request(message)
             },
             // The runtime's messages start with the option's name, which is the request field's.
-            E::Sampling(_) => ApiError {
+            E::Sampling(reason) => ApiError {
                 code: Some("invalid_value"),
                 param: [
                     "temperature",
@@ -126,7 +126,7 @@ impl From<llama3v::Error> for ApiError {
                     "seed",
                 ]
                 .into_iter()
-                .find(|field| message.starts_with(&format!("{field} ")))
+                .find(|field| reason.starts_with(&format!("{field} ")))
                 .map(Cow::Borrowed),
                 ..Self::bad_request(message)
             },
@@ -165,6 +165,10 @@ mod tests {
             images: 2,
         });
         assert_eq!(image.status, StatusCode::BAD_REQUEST);
+        let sampling = ApiError::from(llama3v::Error::Sampling(
+            "top_p must be in (0, 1] (1 = off), got 0".into(),
+        ));
+        assert_eq!(sampling.param.as_deref(), Some("top_p"));
         let graph = ApiError::from(llama3v::Error::NonFiniteLogits { step: 3 });
         assert_eq!(graph.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(graph.body()["error"]["type"], "server_error");
