@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 use llama3v::generate::Request;
-use llama3v::preprocess::{load_image, DecodeLimits};
-use llama3v::request::{resolve_sampling, single_turn, SamplingRequest};
+use llama3v::preprocess::{read_image_file, DecodeLimits};
+use llama3v::request::{check_image_count, resolve_sampling, single_turn, SamplingRequest};
+use llama3v::request_limits::{load_images, EncodedImage, RequestLimits};
 use serde_json::json;
 
 use crate::model_args::ModelArgs;
@@ -26,8 +27,9 @@ pub struct GenerateArgs {
     /// Optional system prompt
     #[arg(long)]
     pub system: Option<String>,
-    #[arg(long, default_value_t = 256)]
-    pub max_new_tokens: usize,
+    /// Most tokens to generate, at least 1 (as serve's max_tokens)
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_new_tokens: u32,
     /// 0 = greedy [default: the model's generation_config]
     #[arg(long)]
     pub temperature: Option<f32>,
@@ -52,13 +54,26 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
-    let limits = DecodeLimits::default();
-    let images = args
+    let decode_limits = DecodeLimits::default();
+    let request_limits = RequestLimits::default();
+    // Files are read (regular files only, size-capped) before the model loads, to fail fast.
+    let encoded = args
         .image
         .iter()
-        .map(|path| load_image(path, &limits))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|path| {
+            Ok(EncodedImage {
+                name: path.display().to_string(),
+                bytes: read_image_file(path, &decode_limits)?,
+            })
+        })
+        .collect::<Result<Vec<_>, llama3v::Error>>()?;
+    let messages = single_turn(args.system.as_deref(), encoded.len(), &args.prompt);
+    request_limits.check_prompt(&messages)?;
+    // Headers against the pixel budget before the model loads, so a bad image fails fast.
+    request_limits.check_images(&encoded, &decode_limits)?;
+
     let model = args.model.load()?;
+    check_image_count(&model, encoded.len())?;
     let sampling = resolve_sampling(
         &SamplingRequest {
             temperature: args.temperature,
@@ -69,12 +84,17 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
         },
         &model.manifest.generation,
     )?;
-
-    let messages = single_turn(args.system.as_deref(), images.len(), &args.prompt);
+    let images = load_images(
+        encoded,
+        &decode_limits,
+        &request_limits,
+        model.image_size(),
+        &mut || Ok(()),
+    )?;
     let request = Request {
         messages: &messages,
         images: &images,
-        max_new_tokens: args.max_new_tokens,
+        max_new_tokens: args.max_new_tokens as usize,
         sampling,
         ignore_stop: args.ignore_eos,
     };

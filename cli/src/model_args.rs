@@ -31,12 +31,24 @@ pub struct ModelArgs {
     /// cuda.memory_limit=20GiB, limits.max_context=4096 (repeatable)
     #[arg(long, value_name = "KEY=VALUE")]
     pub ep_option: Vec<String>,
-    /// Intra-op threads for ONNX Runtime [default: all cores]
-    #[arg(long)]
+    /// Intra-op threads for ONNX Runtime, 1 up to the number of cores [default: all cores]
+    #[arg(long, value_parser = parse_threads)]
     pub threads: Option<usize>,
     /// Skip the sha256 check of the graph files (for large models verified at deploy time)
     #[arg(long)]
     pub no_verify_hashes: bool,
+}
+
+/// More intra-op threads than cores only makes them wait for each other; far more exhausts the
+/// process's threads.
+pub fn parse_threads(value: &str) -> Result<usize, String> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    match value.trim().parse::<usize>() {
+        Ok(n) if (1..=cores).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a number of threads from 1 to {cores} (this machine's cores), got {value:?}"
+        )),
+    }
 }
 
 impl ModelArgs {

@@ -46,10 +46,11 @@ pub struct PreprocessArgs {
     pub json: bool,
     /// Threads for preprocessing: the resize's row bands, and decoding beside resizing
     /// (0 = one per core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = parse_preprocess_threads)]
     pub threads: usize,
-    /// Decode the whole image, then resize it (the path `generate` and `serve` take),
-    /// instead of resizing rows as they are decoded. The values are the same.
+    /// Decode the whole image, then resize it (the path `check` takes), instead of resizing
+    /// rows as they are decoded (the default, and the path `generate` and `serve` take).
+    /// The values are the same.
     #[arg(long)]
     pub whole_image: bool,
     /// Slice as MiniCPM-Llama3-V 2.5 does, at this scale resolution (448 in 2.5), instead of
@@ -64,6 +65,14 @@ pub struct PreprocessArgs {
     /// With --slice-scale: the patch size every slice side is a multiple of.
     #[arg(long, default_value_t = 14, requires = "slice_scale")]
     pub patch: u32,
+}
+
+/// 0 (one per core) or 1 up to the number of cores, as `--threads` of the other commands.
+fn parse_preprocess_threads(value: &str) -> Result<usize, String> {
+    if value.trim() == "0" {
+        return Ok(0);
+    }
+    crate::model_args::parse_threads(value)
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {

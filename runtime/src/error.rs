@@ -86,6 +86,19 @@ pub enum Error {
     #[error("request refused: {0}")]
     Admission(String),
 
+    /// A request over one of its bounds (`request_limits`), found before the work that would cost it.
+    #[error("request too large: {what}: {found} {unit}, more than the limit of {limit} {unit}")]
+    RequestLimit {
+        what: String,
+        found: u64,
+        limit: u64,
+        unit: &'static str,
+    },
+
+    /// The work was stopped between stages because its requester went away.
+    #[error("the request was cancelled")]
+    Cancelled,
+
     #[error("graph {graph}: {reason}")]
     Graph { graph: String, reason: String },
 

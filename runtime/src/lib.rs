@@ -29,10 +29,12 @@ pub mod preprocess;
 pub mod provider;
 mod read_limit;
 pub mod request;
+pub mod request_limits;
 pub mod sampling;
 pub mod sequence;
 pub mod splice;
 pub mod tokenizer;
+pub mod user_text;
 pub mod vision;
 
 pub use error::{Error, Result};

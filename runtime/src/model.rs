@@ -20,6 +20,7 @@ use crate::minicpmv;
 use crate::preprocess::pixel_values;
 use crate::splice::splice_image_features;
 use crate::tokenizer::TextTokenizer;
+use crate::user_text::PlainUserText;
 use crate::vision::{encode_batch, ImageBatch};
 
 #[derive(Debug, Clone, Default)]
@@ -36,6 +37,8 @@ pub struct Model {
     pub sessions: Sessions,
     /// What one request may ask for ([`crate::request::admit`] checks it).
     limits: ResolvedLimits,
+    /// Set by [`Model::read_special_tokens_as_text`]: special tokens spelled in message text are text.
+    plain_user_text: Option<PlainUserText>,
 }
 
 /// The three graph sessions and what running them needs from the manifest. Kept apart from the
@@ -84,6 +87,7 @@ impl Model {
             template,
             sessions,
             limits,
+            plain_user_text: None,
         })
     }
 
@@ -102,12 +106,14 @@ impl Model {
     /// LLaVA: each placeholder expands to tokens-per-image image tokens; the image token typed in
     /// message text counts as a placeholder, as in transformers' processor; the number of placeholders
     /// must equal the number of images. MiniCPM-V: [`minicpmv::render_prompt`] (slice grids, which
-    /// depend on each image's size).
+    /// depend on each image's size). After [`Model::read_special_tokens_as_text`], special tokens
+    /// spelled in message text are text in both layouts.
     pub fn prompt_ids(&self, messages: &[ChatMessage], images: &[RgbImage]) -> Result<Vec<u32>> {
         if let Some(layout) = &self.manifest.minicpmv {
             let unk = &self.manifest.image.image_token;
-            let text = minicpmv::render_prompt(&self.template, messages, images, layout, unk)?;
-            let ids = self.tokenizer.encode(&text)?;
+            let ids = self.encode_prompt(messages, &|m: &[ChatMessage]| {
+                minicpmv::render_prompt(&self.template, m, images, layout, unk)
+            })?;
             // An image-start token typed in the text would misplace every later slice.
             let markers = ids
                 .iter()
@@ -123,8 +129,8 @@ impl Model {
             return Ok(ids);
         }
         let images = images.len();
-        let text = self.template.render(messages, true)?;
-        let ids = self.tokenizer.encode(&text)?;
+        let ids =
+            self.encode_prompt(messages, &|m: &[ChatMessage]| self.template.render(m, true))?;
         let image = &self.manifest.image;
         let markers = ids.iter().filter(|&&id| id == image.image_token_id).count();
         if markers != images {
@@ -139,6 +145,36 @@ impl Model {
             }
         }
         Ok(expanded)
+    }
+
+    /// From now on, special tokens (and the image token) spelled in message text are tokenized as
+    /// plain text; the template's own stay special (`user_text`). Costs a second copy of the tokenizer.
+    pub fn read_special_tokens_as_text(&mut self) {
+        self.plain_user_text = Some(PlainUserText::new(&self.tokenizer));
+    }
+
+    /// The messages rendered by `render` and tokenized, with special tokens spelled in message text
+    /// read as text when [`Model::read_special_tokens_as_text`] was called.
+    fn encode_prompt(
+        &self,
+        messages: &[ChatMessage],
+        render: &dyn Fn(&[ChatMessage]) -> Result<String>,
+    ) -> Result<Vec<u32>> {
+        let text = render(messages)?;
+        match &self.plain_user_text {
+            None => self.tokenizer.encode(&text),
+            Some(plain) => plain.encode(render, &self.tokenizer, messages, &text),
+        }
+    }
+
+    /// The size every image is resized to before the vision graph, when the model has one (MiniCPM-V
+    /// slices each image from its own size): images may be decoded straight to it.
+    pub fn image_size(&self) -> Option<(u32, u32)> {
+        let image = &self.manifest.image;
+        match self.manifest.minicpmv {
+            Some(_) => None,
+            None => Some((image.width, image.height)),
+        }
     }
 
     /// Preprocessed pixel values of all images (MiniCPM-V: of all their slices), CHW each, in order.

@@ -37,9 +37,11 @@
 //!
 //! Speed without changing a value: the resize's passes run over row bands in parallel on
 //! the current rayon pool, with AVX2 kernels where the CPU has them (`resize.rs`). And
-//! [`preprocess_image`] feeds decoded rows of JPEGs and fast-path PNGs to the horizontal
-//! pass as they come out of the decoder, on a second thread when the pool has one, so the
-//! full-size image is never held and decoding overlaps resizing.
+//! [`decode_image_resized`] (the path `generate` and `serve` take, through
+//! `request_limits::load_images`, and [`preprocess_image`]) feeds decoded rows of JPEGs and
+//! fast-path PNGs to the horizontal pass as they come out of the decoder, on a second
+//! thread when the pool has one, so the full-size image is never held and decoding
+//! overlaps resizing (docs/PERFORMANCE.md, "Preprocessing on the request path").
 //!
 //! Known differences from the reference: Pillow 12 and older always resize horizontally
 //! first, so against references made with them, images whose height shrinks much more than
@@ -562,13 +564,33 @@ fn decode_dynamic(
     DynamicImage::from_decoder(decoder).map_err(|e| describe(e, limits))
 }
 
-/// The vision tower's input for one encoded image: [`pixel_values`] of [`decode_image`],
-/// with the same values, adding the time of its stages to `times`.
+/// An encoded image decoded and resized to `width x height`, the image the vision tower's
+/// preprocessing takes: the same pixels as [`resize_bicubic`] of [`decode_image`].
 ///
 /// For a JPEG or an 8-bit RGB(A) PNG whose resize starts with the horizontal pass
 /// (downscaling photos), decoded rows go through that pass as they come out of the
 /// decoder, on a second thread when the current rayon pool has more than one: the
-/// full-size image is never held, and decoding and resizing overlap.
+/// full-size image is never held, and decoding and resizing overlap. This is the path
+/// `generate` and `serve` take (docs/PERFORMANCE.md, "Preprocessing on the request path").
+pub fn decode_image_resized(
+    bytes: &[u8],
+    source_name: &str,
+    limits: &DecodeLimits,
+    (width, height): (u32, u32),
+    times: &mut StageTimes,
+) -> Result<RgbImage> {
+    let img = decode_inner(bytes, source_name, limits, Some((width, height)), times)?;
+    if img.dimensions() == (width, height) {
+        return Ok(img);
+    }
+    Ok(timed(&mut times.resize, || {
+        resize_bicubic(&img, width, height)
+    }))
+}
+
+/// The vision tower's input for one encoded image: [`pixel_values`] of
+/// [`decode_image_resized`], the same values as [`pixel_values`] of [`decode_image`],
+/// adding the time of its stages to `times`.
 pub fn preprocess_image(
     bytes: &[u8],
     source_name: &str,
@@ -576,13 +598,7 @@ pub fn preprocess_image(
     limits: &DecodeLimits,
     times: &mut StageTimes,
 ) -> Result<Vec<f32>> {
-    let img = decode_inner(
-        bytes,
-        source_name,
-        limits,
-        Some((cfg.width, cfg.height)),
-        times,
-    )?;
+    let img = decode_image_resized(bytes, source_name, limits, (cfg.width, cfg.height), times)?;
     Ok(pixel_values_timed(&img, cfg, times))
 }
 
@@ -593,7 +609,7 @@ pub fn preprocess_file(
     limits: &DecodeLimits,
     times: &mut StageTimes,
 ) -> Result<Vec<f32>> {
-    let bytes = read_image_file(path, limits, times)?;
+    let bytes = timed(&mut times.read, || read_image_file(path, limits))?;
     preprocess_image(&bytes, &path.display().to_string(), cfg, limits, times)
 }
 
@@ -608,25 +624,112 @@ pub fn load_image_timed(
     limits: &DecodeLimits,
     times: &mut StageTimes,
 ) -> Result<RgbImage> {
-    let bytes = read_image_file(path, limits, times)?;
+    let bytes = timed(&mut times.read, || read_image_file(path, limits))?;
     decode_image_timed(&bytes, &path.display().to_string(), limits, times)
 }
 
-fn read_image_file(path: &Path, limits: &DecodeLimits, times: &mut StageTimes) -> Result<Vec<u8>> {
-    let len = std::fs::metadata(path)
+/// Width and height an encoded image declares, read from its header alone (nothing is
+/// decoded), so that a request's images can be checked against a pixel budget before any
+/// of them costs memory. An image whose header cannot be read gets the error its decode
+/// would give.
+pub fn image_dimensions(
+    bytes: &[u8],
+    source_name: &str,
+    limits: &DecodeLimits,
+) -> Result<(u32, u32)> {
+    let header = catch_unwind(AssertUnwindSafe(|| -> Option<(u32, u32)> {
+        if image::guess_format(bytes).ok()? == ImageFormat::Jpeg {
+            // The decoder the pixels come from (see `decode_jpeg`), reading the header only.
+            let (w, h) = mozjpeg::Decompress::builder().from_mem(bytes).ok()?.size();
+            return Some((u32::try_from(w).ok()?, u32::try_from(h).ok()?));
+        }
+        ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .ok()?
+            .into_dimensions()
+            .ok()
+    }))
+    .ok()
+    .flatten();
+    match header {
+        Some((w, h)) => {
+            // The side limits, as the decode would apply them (the byte budget needs the decoder).
+            check_size(u64::from(w), u64::from(h), 0, limits)
+                .map_err(|reason| image_error(source_name, reason))?;
+            Ok((w, h))
+        }
+        // Unreadable header: the decode fails on it too, with the message users know.
+        None => match decode_image(bytes, source_name, limits) {
+            Err(err) => Err(err),
+            Ok(img) => Ok(img.dimensions()),
+        },
+    }
+}
+
+/// Reads an image file of at most `limits.max_alloc_bytes` (an encoded file bigger than
+/// the decode budget would decode to more than it anyway).
+///
+/// Only a regular file is read: a FIFO, a device (`/dev/zero`) or a directory is refused
+/// before a byte is read. The file is opened non-blocking (opening a FIFO would otherwise
+/// wait for a writer), checked again on the open handle (a path swapped after the first
+/// check is caught), and read through a cap (a file that grows while read is refused).
+pub fn read_image_file(path: &Path, limits: &DecodeLimits) -> Result<Vec<u8>> {
+    read_image_file_checked(path, limits, |_| Ok(()))
+}
+
+/// [`read_image_file`] with a further check of the open file's metadata (a server refuses
+/// files with several hard links); `check`'s message becomes the error's reason.
+pub fn read_image_file_checked(
+    path: &Path,
+    limits: &DecodeLimits,
+    check: impl FnOnce(&std::fs::Metadata) -> std::result::Result<(), String>,
+) -> Result<Vec<u8>> {
+    let name = path.display().to_string();
+    let not_regular = || {
+        image_error(
+            &name,
+            "not a regular file (a FIFO, device, socket or directory is not read)",
+        )
+    };
+    if !std::fs::metadata(path)
         .map_err(|e| Error::io(path, e))?
-        .len();
-    // An encoded file bigger than the decode budget would decode to more than it anyway.
-    if len > limits.max_alloc_bytes {
-        return Err(image_error(
-            &path.display().to_string(),
+        .is_file()
+    {
+        return Err(not_regular());
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    check(&meta).map_err(|reason| image_error(&name, reason))?;
+    let too_big = |len: u64| {
+        image_error(
+            &name,
             format!(
                 "file is {len} bytes, more than the decode limit of {} bytes",
                 limits.max_alloc_bytes
             ),
-        ));
+        )
+    };
+    if meta.len() > limits.max_alloc_bytes {
+        return Err(too_big(meta.len()));
     }
-    timed(&mut times.read, || std::fs::read(path)).map_err(|e| Error::io(path, e))
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(limits.max_alloc_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limits.max_alloc_bytes {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 /// Pillow's `alpha_composite(white, src)` for one channel: `AlphaComposite.c` with the

@@ -1,5 +1,6 @@
 //! Request policy, once for every entry point (`generate`, `serve`, `bench`): sampling defaults and the
-//! admission checks a request passes before any graph runs.
+//! admission checks a request passes before any graph runs. The bounds checked before a request's
+//! text is tokenized and its images decoded (bytes, pixels) are `request_limits`'.
 
 use crate::chat_template::{ChatMessage, ContentPart};
 use crate::error::{Error, Result};
@@ -73,6 +74,18 @@ pub fn resolve_sampling(
     Ok(params)
 }
 
+/// Refuses more images than `limits.max_images`. [`admit`] checks it too; a server calls it before it
+/// fetches or decodes any image.
+pub fn check_image_count(model: &Model, images: usize) -> Result<()> {
+    let max_images = model.limits().max_images;
+    if images > max_images {
+        return Err(Error::Admission(format!(
+            "{images} images given, at most {max_images} per request (limits.max_images)"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a request against the model's context and the configured request limits
 /// (`limits.max_images`, `limits.max_prompt_tokens`, `limits.max_context`) before any graph runs.
 /// The image count must also match the prompt's placeholders ([`Model::prompt_ids`] checks that).
@@ -82,13 +95,8 @@ pub fn admit(
     images: usize,
     max_new_tokens: usize,
 ) -> Result<()> {
+    check_image_count(model, images)?;
     let limits = model.limits();
-    if images > limits.max_images {
-        return Err(Error::Admission(format!(
-            "{images} images given, at most {} per request (limits.max_images)",
-            limits.max_images
-        )));
-    }
     // The context first: a prompt that cannot fit is the client's most common mistake, and OpenAI's
     // clients know its error (context_length_exceeded).
     if prompt_tokens + max_new_tokens > limits.max_context {

@@ -90,6 +90,24 @@ impl TextTokenizer {
             .map_err(|e| Error::Tokenizer(format!("decode: {e}")))
     }
 
+    /// A copy that reads special tokens spelled in text as plain text, as transformers does with
+    /// `split_special_tokens=True` (`serve --plain-special-tokens`, see `user_text`).
+    pub fn with_special_tokens_as_text(&self) -> TextTokenizer {
+        let mut inner = self.inner.clone();
+        inner.set_encode_special_tokens(true);
+        Self::from_tokenizer(inner)
+    }
+
+    /// The special added tokens (`<|eot_id|>`, `<image>`, ...) as (text, id).
+    pub fn special_tokens(&self) -> Vec<(String, u32)> {
+        self.inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, token)| token.special)
+            .map(|(id, token)| (token.content, id))
+            .collect()
+    }
+
     /// The id of a token (vocabulary entry or added token), e.g. `"<|eot_id|>"`.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

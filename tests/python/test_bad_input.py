@@ -289,6 +289,20 @@ def image_case(write: Callable[[Path], bytes]) -> Callable[[Path, Path], list[st
     return build
 
 
+def fifo_image(model: Path, tmp: Path) -> list[str]:
+    path = tmp / "input.png"
+    os.mkfifo(path)
+    return gen(model, "--image", str(path))
+
+
+def many_large_images(model: Path, tmp: Path) -> list[str]:
+    from PIL import Image
+
+    path = tmp / "large.png"
+    Image.new("RGB", (4096, 4096)).save(path)
+    return gen(model, *["--image", str(path)] * 5)
+
+
 CASES = [
     # --- model directories ---
     Case("missing model directory", lambda m, t: gen(t / "nope"), "not a directory"),
@@ -466,6 +480,23 @@ CASES = [
         ["input.png", "100000x100000 pixels", "exceeds the decode limits"],
         within=1.0,
     ),
+    Case(
+        "a device as the image (/dev/zero)",
+        lambda m, t: gen(m, "--image", "/dev/zero"),
+        ["/dev/zero", "not a regular file"],
+        within=1.0,
+    ),
+    Case("a FIFO as the image", fifo_image, ["input.png", "not a regular file"], within=1.0),
+    Case(
+        "images over the request's pixel budget (5 x 4096x4096)",
+        many_large_images,
+        ["request too large: 5 image(s) together: 83886080 pixels", "67108864 pixels"],
+        within=5.0,
+    ),
+    # --- options with a resource meaning ---
+    Case("zero new tokens", lambda m, t: gen(m, max_new_tokens=0), ["--max-new-tokens", "0 is not in 1.."]),
+    Case("zero threads", lambda m, t: gen(m, "--threads", "0"), ["--threads", "expected a number of threads from 1"]),
+    Case("more threads than cores", lambda m, t: gen(m, "--threads", "100000"), ["100000", "this machine's cores"]),
     # --- prompt and sampling ---
     Case("more image placeholders than images", lambda m, t: gen(m, prompt="<image> and <image>"), "2 image"),
     Case(

@@ -1,14 +1,13 @@
 //! The OpenAI chat-completions wire format: what requests may carry and how replies are spelled.
 //!
-//! Unknown request fields are ignored (clients send `user`, `metadata`, ...); fields that would change
-//! the answer but are not supported (`n > 1`, penalties, logprobs, tools) are refused, never ignored.
+//! The request type reads the honoured fields; every other field lands in `other` and is judged by
+//! `fields`, the one table of what each field gets.
 
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 #[derive(Debug, Deserialize)]
 pub struct ChatCompletionRequest {
-    // `model` is not read: one model is served, and replies name it whatever the client sent.
     pub messages: Vec<Message>,
     #[serde(default)]
     pub max_tokens: Option<u64>,
@@ -36,18 +35,9 @@ pub struct ChatCompletionRequest {
     /// Not in OpenAI's API (vLLM's name): keep generating through the model's stop tokens.
     #[serde(default)]
     pub ignore_eos: Option<bool>,
-    #[serde(default)]
-    pub n: Option<u32>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
-    #[serde(default)]
-    pub logprobs: Option<bool>,
-    #[serde(default)]
-    pub tools: Option<Value>,
-    #[serde(default)]
-    pub response_format: Option<Value>,
+    /// Every field not read above (only these are buffered), for `fields::check_other_fields`.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,6 +1,6 @@
-//! `POST /v1/chat/completions`: validate, admit (or 429), wait for a slot, decode images and build the
-//! prompt on a blocking thread, hand the job to the batch engine, and answer with one JSON object or a
-//! stream of server-sent events.
+//! `POST /v1/chat/completions`: parse and validate (`request`), admit (or 429), wait for a slot, decode
+//! images under the request's pixel budget and build the prompt on a blocking thread, hand the job to
+//! the batch engine, and answer with one JSON object or a stream of server-sent events.
 
 use std::convert::Infallible;
 use std::ops::ControlFlow;
@@ -16,35 +16,21 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, StreamExt};
-use llama3v::chat_template::{ChatMessage, ContentPart};
 use llama3v::engine::Job as EngineJob;
 use llama3v::generate::{FinishReason, Generation, Timings};
-use llama3v::request::{admit, resolve_sampling, SamplingRequest};
-use llama3v::sampling::SamplingParams;
+use llama3v::request::{admit, check_image_count};
+use llama3v::request_limits::load_images;
 use llama3v::sequence::Sink;
 use llama3v::Model;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::api::{self, ChatCompletionRequest, Content, Part, ReplyHeader, Stop};
+use super::api::{self, ReplyHeader};
 use super::errors::ApiError;
+use super::request::{parse_request, validate, Job};
 use super::AppState;
 
 const ENDPOINT: &str = "/v1/chat/completions";
-/// OpenAI's limit on stop sequences.
-const MAX_STOP_STRINGS: usize = 4;
-
-/// A validated request, ready to run.
-struct Job {
-    messages: Vec<ChatMessage>,
-    /// Image URLs in placeholder order.
-    image_urls: Vec<String>,
-    sampling: SamplingParams,
-    max_tokens: Option<usize>,
-    stop: Vec<String>,
-    ignore_eos: bool,
-    stream: bool,
-}
 
 /// What the engine tells the handler. The channel is unbounded so the engine never waits for a slow
 /// client; what it holds is bounded by the request's token budget.
@@ -84,8 +70,8 @@ async fn handle(
             ApiError::bad_request(format!("could not read the request body: {rejection}"))
         }
     })?;
-    let request: ChatCompletionRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
+    let request = parse_request(&body)?;
+    drop(body);
     if state.shutting_down.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable("the server is shutting down"));
     }
@@ -98,7 +84,9 @@ async fn handle(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let job = validate(request, state, &model)?;
+    let job = validate(request, &state.limits, &model.manifest.generation)?;
+    // Before any image is fetched or decoded.
+    check_image_count(&model, job.image_urls.len())?;
     let stream = job.stream;
 
     let ticket = state.scheduler.admit()?;
@@ -145,154 +133,6 @@ async fn handle(
     }
 }
 
-fn validate(
-    request: ChatCompletionRequest,
-    state: &AppState,
-    model: &Model,
-) -> Result<Job, ApiError> {
-    if request.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
-    }
-    for (name, value) in [
-        ("frequency_penalty", request.frequency_penalty),
-        ("presence_penalty", request.presence_penalty),
-    ] {
-        if value.is_some_and(|v| v != 0.0) {
-            return Err(ApiError::invalid_param(
-                name,
-                format!("{name} is not supported (use repetition_penalty)"),
-            ));
-        }
-    }
-    if request.logprobs == Some(true) {
-        return Err(ApiError::invalid_param(
-            "logprobs",
-            "logprobs are not supported",
-        ));
-    }
-    if request
-        .tools
-        .as_ref()
-        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return Err(ApiError::invalid_param("tools", "tools are not supported"));
-    }
-    if let Some(format) = &request.response_format {
-        if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::invalid_param(
-                "response_format",
-                "only response_format {\"type\": \"text\"} is supported",
-            ));
-        }
-    }
-    let (messages, image_urls) = messages(request.messages)?;
-    let max_images = model.limits().max_images;
-    if image_urls.len() > max_images {
-        return Err(ApiError::invalid_param(
-            "messages",
-            format!(
-                "the request has {} images, more than the limit of {max_images}",
-                image_urls.len(),
-            ),
-        ));
-    }
-    let max_tokens = request
-        .max_completion_tokens
-        .or(request.max_tokens)
-        .map(|n| check_max_tokens(n, state.limits.max_tokens))
-        .transpose()?;
-    let stop = match request.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(list)) => list,
-    };
-    if stop.len() > MAX_STOP_STRINGS || stop.iter().any(String::is_empty) {
-        return Err(ApiError::invalid_param(
-            "stop",
-            format!(
-                "stop must be at most {MAX_STOP_STRINGS} non-empty strings, got {:?}",
-                stop
-            ),
-        ));
-    }
-    let sampling = resolve_sampling(
-        &SamplingRequest {
-            temperature: request.temperature,
-            top_k: request.top_k,
-            top_p: request.top_p,
-            repetition_penalty: request.repetition_penalty,
-            seed: request.seed,
-        },
-        &model.manifest.generation,
-    )
-    .map_err(ApiError::from)?;
-    Ok(Job {
-        messages,
-        image_urls,
-        sampling,
-        max_tokens,
-        stop,
-        ignore_eos: request.ignore_eos.unwrap_or(false),
-        stream: request.stream.unwrap_or(false),
-    })
-}
-
-fn check_max_tokens(requested: u64, limit: usize) -> Result<usize, ApiError> {
-    match usize::try_from(requested) {
-        Ok(n) if n >= 1 && n <= limit => Ok(n),
-        _ => Err(ApiError::invalid_param(
-            "max_tokens",
-            format!("max_tokens must be in 1..={limit} (this server's limit), got {requested}"),
-        )),
-    }
-}
-
-/// OpenAI messages -> the runtime's messages, with image URLs pulled out in placeholder order.
-fn messages(input: Vec<api::Message>) -> Result<(Vec<ChatMessage>, Vec<String>), ApiError> {
-    if input.is_empty() {
-        return Err(ApiError::invalid_param("messages", "messages is empty"));
-    }
-    let mut messages = Vec::with_capacity(input.len());
-    let mut urls = Vec::new();
-    for message in input {
-        let role = match message.role.as_str() {
-            "system" | "developer" => "system",
-            "user" => "user",
-            "assistant" => "assistant",
-            other => {
-                let expected = "expected system, developer, user or assistant";
-                let message = format!("unsupported role {other:?} ({expected})");
-                return Err(ApiError::invalid_param("messages", message));
-            }
-        };
-        let content = match message.content {
-            None => Vec::new(),
-            Some(Content::Text(text)) => vec![ContentPart::Text(text)],
-            Some(Content::Parts(parts)) => parts
-                .into_iter()
-                .map(|part| match part {
-                    Part::Text { text } => ContentPart::Text(text),
-                    Part::ImageUrl { image_url } => {
-                        urls.push(image_url.url().to_string());
-                        ContentPart::Image
-                    }
-                })
-                .collect(),
-        };
-        if role != "user" && content.contains(&ContentPart::Image) {
-            return Err(ApiError::invalid_param(
-                "messages",
-                format!("images are accepted in user messages only, found one in a {role} message"),
-            ));
-        }
-        messages.push(ChatMessage {
-            role: role.into(),
-            content,
-        });
-    }
-    Ok((messages, urls))
-}
-
 /// Runs on a blocking thread: images, prompt and admission checks, then the job goes to the batch
 /// engine. Sends `Started` once the prompt is known to fit, or the error that refused it; the sink
 /// sends the rest.
@@ -304,14 +144,35 @@ fn prepare(state: &AppState, model: &Model, job: Job, sink: ReplySink) {
     // A client that went away stops the work at the next stage boundary: between images, before the
     // prompt, before the engine (which checks again before vision and between prefill chunks).
     let gone = || ApiError::unavailable("the client went away");
+    let mut job = job;
     let built = (|| {
-        let mut images = Vec::with_capacity(job.image_urls.len());
-        for (i, url) in job.image_urls.iter().enumerate() {
+        // Each URL (up to the body's size) is dropped once its bytes are out.
+        let mut encoded = Vec::with_capacity(job.image_urls.len());
+        for (i, url) in std::mem::take(&mut job.image_urls).into_iter().enumerate() {
             if sink.is_cancelled() {
                 return Err(gone());
             }
-            images.push(state.images.load(i, url)?);
+            encoded.push(state.images.fetch(i, &url)?);
         }
+        // Headers against the pixel budget first, then one image at a time (at the model's size
+        // where it has one).
+        let images = load_images(
+            encoded,
+            &state.images.limits,
+            &state.limits.request,
+            model.image_size(),
+            &mut || {
+                if sink.is_cancelled() {
+                    Err(llama3v::Error::Cancelled)
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .map_err(|err| match err {
+            llama3v::Error::Cancelled => gone(),
+            err => ApiError::from(err),
+        })?;
         if sink.is_cancelled() {
             return Err(gone());
         }
@@ -554,49 +415,4 @@ fn done_events(
     }
     events.push(SseEvent::default().data("[DONE]"));
     events
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn max_tokens_outside_the_limit_is_refused_with_both_numbers() {
-        assert_eq!(check_max_tokens(16, 64).unwrap(), 16);
-        let err = check_max_tokens(65, 64).unwrap_err();
-        assert_eq!(err.status, StatusCode::BAD_REQUEST);
-        assert!(
-            err.message.contains("64") && err.message.contains("65"),
-            "{}",
-            err.message
-        );
-        assert!(check_max_tokens(0, 64).is_err());
-    }
-
-    #[test]
-    fn roles_map_and_images_are_pulled_out_in_order() {
-        let input: Vec<api::Message> = serde_json::from_value(json!([
-            {"role": "developer", "content": "sys"},
-            {"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "a"}},
-                {"type": "text", "text": "q"},
-                {"type": "image_url", "image_url": {"url": "b"}}
-            ]}
-        ]))
-        .unwrap();
-        let (messages, urls) = messages(input).unwrap();
-        assert_eq!(messages[0].role, "system");
-        assert_eq!(
-            messages[1].content,
-            [
-                ContentPart::Image,
-                ContentPart::Text("q".into()),
-                ContentPart::Image
-            ]
-        );
-        assert_eq!(urls, ["a", "b"]);
-        let bad: Vec<api::Message> =
-            serde_json::from_value(json!([{"role": "tool", "content": "x"}])).unwrap();
-        assert!(super::messages(bad).is_err());
-    }
 }

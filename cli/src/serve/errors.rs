@@ -1,6 +1,8 @@
 //! Errors in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with the HTTP status
 //! clients act on: 4xx means "fix the request", 429/503 "retry later", 500 "our fault".
 
+use std::borrow::Cow;
+
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,7 +14,8 @@ pub struct ApiError {
     pub message: String,
     /// OpenAI's `type`: `invalid_request_error`, `server_error`, ...
     pub kind: &'static str,
-    pub param: Option<&'static str>,
+    /// The request field at fault (`messages`, `temperature`, `messages[0].content`, ...).
+    pub param: Option<Cow<'static, str>>,
     pub code: Option<&'static str>,
 }
 
@@ -32,9 +35,9 @@ impl ApiError {
     }
 
     /// A request field with a bad value; `param` names it as OpenAI does.
-    pub fn invalid_param(param: &'static str, message: impl Into<String>) -> Self {
+    pub fn invalid_param(param: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
         ApiError {
-            param: Some(param),
+            param: Some(param.into()),
             code: Some("invalid_value"),
             ..Self::bad_request(message)
         }
@@ -104,27 +107,43 @@ impl From<llama3v::Error> for ApiError {
         match err {
             E::ContextOverflow { .. } => ApiError {
                 code: Some("context_length_exceeded"),
-                param: Some("messages"),
+                param: Some("messages".into()),
                 ..Self::bad_request(message)
             },
             E::Image { .. } | E::ImageCount { .. } => ApiError {
                 code: Some("invalid_image"),
-                param: Some("messages"),
+                param: Some("messages".into()),
                 ..Self::bad_request(message)
             },
-            E::Sampling(_) => ApiError {
+            // The runtime's messages start with the option's name, which is the request field's.
+            E::Sampling(reason) => ApiError {
                 code: Some("invalid_value"),
+                param: [
+                    "temperature",
+                    "top_k",
+                    "top_p",
+                    "repetition_penalty",
+                    "seed",
+                ]
+                .into_iter()
+                .find(|field| reason.starts_with(&format!("{field} ")))
+                .map(Cow::Borrowed),
+                ..Self::bad_request(message)
+            },
+            E::RequestLimit { .. } => ApiError {
+                code: Some("request_too_large"),
+                param: Some("messages".into()),
                 ..Self::bad_request(message)
             },
             // A request beyond the configured limits, or one that could never fit the KV budget.
             E::Admission(_) => ApiError {
                 code: Some("request_too_large"),
-                param: Some("messages"),
+                param: Some("messages".into()),
                 ..Self::bad_request(message)
             },
             // The template raises on message structures it does not accept (e.g. roles out of order).
             E::ChatTemplate(_) => ApiError {
-                param: Some("messages"),
+                param: Some("messages".into()),
                 ..Self::bad_request(message)
             },
             // Model, graph, provider and tokenizer failures, and any variant added later.
@@ -152,6 +171,10 @@ mod tests {
             images: 2,
         });
         assert_eq!(image.status, StatusCode::BAD_REQUEST);
+        let sampling = ApiError::from(llama3v::Error::Sampling(
+            "top_p must be in (0, 1] (1 = off), got 0".into(),
+        ));
+        assert_eq!(sampling.param.as_deref(), Some("top_p"));
         let graph = ApiError::from(llama3v::Error::NonFiniteLogits { step: 3 });
         assert_eq!(graph.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(graph.body()["error"]["type"], "server_error");

@@ -1,11 +1,18 @@
-//! Turning a message's `image_url` into pixels: data URLs always; local files only inside the directory
-//! the operator named; remote URLs never (the server must not fetch addresses its clients choose).
+//! Turning a message's `image_url` into encoded image bytes: data URLs always; local files only inside
+//! the directory the operator named; remote URLs never (the server must not fetch addresses its
+//! clients choose). Decoding happens afterwards, under the request's pixel budget
+//! (`llama3v::request_limits::load_images`).
+//!
+//! A local path that is not a readable regular file inside the directory gets one message whatever
+//! the reason (missing, outside, a symlink out, unreadable), so errors never tell a client whether a
+//! file outside the directory exists. Files with several hard links are refused, as model files are
+//! (a hard link inside the directory can alias a file outside it).
 
 use std::path::{Component, Path, PathBuf};
 
 use base64::Engine;
-use image::RgbImage;
-use llama3v::preprocess::{decode_image, load_image, DecodeLimits};
+use llama3v::preprocess::{read_image_file_checked, DecodeLimits};
+use llama3v::request_limits::EncodedImage;
 
 use super::errors::ApiError;
 
@@ -19,19 +26,19 @@ pub struct ImagePolicy {
 fn image_error(index: usize, reason: impl std::fmt::Display) -> ApiError {
     ApiError {
         code: Some("invalid_image"),
-        param: Some("messages"),
+        param: Some("messages".into()),
         ..ApiError::bad_request(format!("image {index}: {reason}"))
     }
 }
 
 impl ImagePolicy {
-    /// Decodes the `index`-th image of a request (the index only labels errors).
-    pub fn load(&self, index: usize, url: &str) -> Result<RgbImage, ApiError> {
-        // The runtime labels it "image {name}".
+    /// The encoded bytes of the `index`-th image of a request (the index labels errors and is the
+    /// name the decoder's errors carry).
+    pub fn fetch(&self, index: usize, url: &str) -> Result<EncodedImage, ApiError> {
         let name = index.to_string();
         if let Some(rest) = url.strip_prefix("data:") {
             let bytes = decode_data_url(rest).map_err(|reason| image_error(index, reason))?;
-            return decode_image(&bytes, &name, &self.limits).map_err(ApiError::from);
+            return Ok(EncodedImage { name, bytes });
         }
         let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
         if lower.starts_with("http://") || lower.starts_with("https://") {
@@ -53,17 +60,22 @@ impl ImagePolicy {
         let path = self
             .resolve(Path::new(path))
             .map_err(|r| image_error(index, r))?;
-        load_image(&path, &self.limits).map_err(|err| match err {
-            // Read failures name the resolved path, which the client gave: its error, not ours.
-            llama3v::Error::Io { .. } => image_error(index, err),
-            other => ApiError::from(other),
-        })
+        let single_link = |meta: &std::fs::Metadata| single_link(meta);
+        let bytes = read_image_file_checked(&path, &self.limits, single_link).map_err(|err| {
+            match err {
+                // A file that vanished or cannot be read: the same words as any path not allowed.
+                llama3v::Error::Io { .. } => image_error(index, not_allowed(Path::new(url))),
+                other => image_error(index, other),
+            }
+        })?;
+        Ok(EncodedImage { name, bytes })
     }
 
     /// The canonical path of a local image, if it lies inside the allowed directory.
     ///
     /// `..` is refused outright; canonicalizing then resolves every symlink, so a link inside the
-    /// directory that points outside it is caught by the prefix check.
+    /// directory that points outside it is caught by the prefix check. Every failure past the first
+    /// two checks reads the same (see the module documentation).
     fn resolve(&self, path: &Path) -> Result<PathBuf, String> {
         let Some(dir) = &self.allowed_dir else {
             return Err(
@@ -74,18 +86,36 @@ impl ImagePolicy {
         if path.components().any(|c| c == Component::ParentDir) {
             return Err(format!("path {} contains `..`", path.display()));
         }
-        let joined = dir.join(path);
-        let canonical = joined
-            .canonicalize()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        if !canonical.starts_with(dir) {
-            return Err(format!(
-                "path {} resolves outside the allowed image directory",
-                path.display()
-            ));
+        match dir.join(path).canonicalize() {
+            Ok(canonical) if canonical.starts_with(dir) => Ok(canonical),
+            _ => Err(not_allowed(path)),
         }
-        Ok(canonical)
     }
+}
+
+fn not_allowed(path: &Path) -> String {
+    format!(
+        "{} is not a readable file inside the allowed image directory",
+        path.display()
+    )
+}
+
+#[cfg(unix)]
+fn single_link(meta: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if meta.nlink() > 1 {
+        return Err(format!(
+            "the file has {} hard links (a hard link can alias a file outside the allowed image \
+             directory)",
+            meta.nlink()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn single_link(_: &std::fs::Metadata) -> Result<(), String> {
+    Ok(())
 }
 
 /// The bytes of a data URL's payload (`rest` is what follows `data:`): `<mediatype>;base64,<data>`.
@@ -143,13 +173,38 @@ mod tests {
         assert!(policy.resolve(Path::new("in.png")).is_ok());
         let err = policy.resolve(Path::new("../secret.png")).unwrap_err();
         assert!(err.contains("`..`"), "{err}");
-        let err = policy.resolve(&root.join("secret.png")).unwrap_err();
-        assert!(err.contains("outside"), "{err}");
+        // A file outside that exists and one that does not read the same.
+        let exists = policy.resolve(&root.join("secret.png")).unwrap_err();
+        let missing = policy.resolve(&root.join("nothing.png")).unwrap_err();
+        assert!(exists.contains("not a readable file inside"), "{exists}");
+        assert_eq!(
+            exists.replace("secret", "X"),
+            missing.replace("nothing", "X")
+        );
         #[cfg(unix)]
         {
             std::os::unix::fs::symlink(root.join("secret.png"), allowed.join("link.png")).unwrap();
-            let err = policy.resolve(Path::new("link.png")).unwrap_err();
-            assert!(err.contains("outside"), "{err}");
+            std::os::unix::fs::symlink(root.join("nothing.png"), allowed.join("dead.png")).unwrap();
+            let to_file = policy.resolve(Path::new("link.png")).unwrap_err();
+            let to_nothing = policy.resolve(Path::new("dead.png")).unwrap_err();
+            assert_eq!(
+                to_file.replace("link", "X"),
+                to_nothing.replace("dead", "X")
+            );
+            std::fs::hard_link(root.join("secret.png"), allowed.join("hard.png")).unwrap();
+            let err = policy.fetch(0, "hard.png").unwrap_err();
+            assert!(err.message.contains("2 hard links"), "{}", err.message);
+            let made = std::process::Command::new("mkfifo")
+                .arg(allowed.join("fifo.png"))
+                .status()
+                .unwrap();
+            assert!(made.success());
+            let err = policy.fetch(0, "fifo.png").unwrap_err();
+            assert!(
+                err.message.contains("not a regular file"),
+                "{}",
+                err.message
+            );
         }
         let closed = ImagePolicy {
             allowed_dir: None,

@@ -12,10 +12,12 @@ mod auth;
 mod chat;
 mod drain;
 mod errors;
+mod fields;
+mod http;
 mod images;
 mod metrics;
+mod request;
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +35,9 @@ use clap::Args;
 use llama3v::engine::{EngineConfig, EngineThread};
 use llama3v::ep_config::DEFAULT_MAX_BATCH;
 use llama3v::preprocess::DecodeLimits;
+use llama3v::request_limits::{
+    RequestLimits, DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_REQUEST_PIXELS,
+};
 use llama3v::Model;
 use serde_json::json;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -41,8 +46,10 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::model_args::ModelArgs;
 use auth::{ApiKeys, SecretKey};
 use errors::ApiError;
+use http::HttpLimits;
 use images::ImagePolicy;
 use metrics::{Gauges, Metrics};
+use request::Limits;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -79,6 +86,24 @@ pub struct ServeArgs {
     /// Largest image width and height accepted, in pixels (checked before decoding)
     #[arg(long, default_value_t = 8192)]
     pub max_image_side: u32,
+    /// Most pixels (width x height) of all images of one request together (checked before decoding)
+    #[arg(long, default_value_t = DEFAULT_MAX_REQUEST_PIXELS)]
+    pub max_request_pixels: u64,
+    /// Most bytes of text over all messages of one request (checked before tokenizing)
+    #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_BYTES)]
+    pub max_prompt_bytes: u64,
+    /// Seconds a connection gets to send a request's head, counted from connecting or from its
+    /// previous response (so also how long an idle keep-alive connection stays open)
+    #[arg(long, default_value_t = 10.0, value_parser = parse_seconds)]
+    pub header_timeout_secs: f64,
+    /// Seconds a request gets to send its whole body once its head has arrived (408 after that)
+    #[arg(long, default_value_t = 60.0, value_parser = parse_seconds)]
+    pub body_timeout_secs: f64,
+    /// Read special tokens (and the image token) typed in message text as plain text, so a client
+    /// cannot end its turn and write the assistant's; the template's own stay special. The default
+    /// parses them, as transformers' processor does
+    #[arg(long)]
+    pub plain_special_tokens: bool,
     /// Directory local image paths (`file://...` or plain paths) may be read from; without it they are refused
     #[arg(long)]
     pub allowed_image_dir: Option<PathBuf>,
@@ -99,11 +124,11 @@ pub struct ServeArgs {
     pub api_key_file: Option<PathBuf>,
 }
 
-/// Limits a request is checked against before it is admitted.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_tokens: usize,
-    pub max_body_bytes: usize,
+fn parse_seconds(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(s),
+        _ => Err(format!("expected seconds in (0, 86400], got {value:?}")),
+    }
 }
 
 /// Admission control: `admitted` counts running plus queued requests, so the 429 decision is one
@@ -266,6 +291,10 @@ fn app_state(args: &ServeArgs) -> Result<AppState> {
         limits: Limits {
             max_tokens: args.max_tokens,
             max_body_bytes: args.max_body_bytes,
+            request: RequestLimits {
+                max_prompt_bytes: args.max_prompt_bytes,
+                max_request_pixels: args.max_request_pixels,
+            },
         },
         images: ImagePolicy {
             allowed_dir,
@@ -287,7 +316,7 @@ fn app_state(args: &ServeArgs) -> Result<AppState> {
     })
 }
 
-fn router(state: Arc<AppState>) -> Router {
+fn router(state: Arc<AppState>, http_limits: HttpLimits) -> Router {
     let body_limit = state.limits.max_body_bytes;
     let api_keys = state.api_keys.clone();
     let routes = Router::new()
@@ -295,9 +324,14 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
-        .fallback(not_found)
+        .fallback(http::not_found)
+        .method_not_allowed_fallback(http::method_not_allowed)
         .layer(middleware::map_response(drain::add_retry_after))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(http_limits),
+            http::guard,
+        ))
         // A panic in a handler becomes a 500 for that request; the server keeps serving.
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("internal error: the request handler panicked").into_response()
@@ -340,12 +374,27 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode> {
             .ep_option
             .push(format!("limits.max_batch={max_batch}"));
     }
-    spawn_model_loader(&state, model_args, engine_config(args), stop_tx.clone());
+    spawn_model_loader(
+        &state,
+        model_args,
+        args.plain_special_tokens,
+        engine_config(args),
+        stop_tx.clone(),
+    );
     spawn_signal_listener(stop_tx);
 
-    let server = axum::serve(listener, router(Arc::clone(&state)))
-        .with_graceful_shutdown(drain::until_drained(stop_rx.clone(), Arc::clone(&state)));
-    let server = server.into_future();
+    let http_limits = HttpLimits {
+        header_timeout: Duration::from_secs_f64(args.header_timeout_secs),
+        body_timeout: Duration::from_secs_f64(args.body_timeout_secs),
+        max_body_bytes: args.max_body_bytes,
+    };
+    let app = router(Arc::clone(&state), http_limits);
+    let server = http::serve(
+        listener,
+        app,
+        http_limits,
+        drain::until_drained(stop_rx.clone(), Arc::clone(&state)),
+    );
     tokio::pin!(server);
 
     let grace = Duration::from_secs_f64(args.shutdown_grace_secs.max(0.0));
@@ -396,13 +445,21 @@ fn engine_config(args: &ServeArgs) -> impl Fn(&Model) -> EngineConfig {
 fn spawn_model_loader(
     state: &Arc<AppState>,
     model_args: ModelArgs,
+    plain_special_tokens: bool,
     config: impl Fn(&Model) -> EngineConfig + Send + 'static,
     stop: watch::Sender<Option<StopReason>>,
 ) {
     let state = Arc::clone(state);
     tokio::spawn(async move {
         let dir = model_args.model_dir();
-        let loaded = tokio::task::spawn_blocking(move || model_args.load()).await;
+        let loaded = tokio::task::spawn_blocking(move || {
+            let mut model = model_args.load()?;
+            if plain_special_tokens {
+                model.read_special_tokens_as_text();
+            }
+            anyhow::Ok(model)
+        })
+        .await;
         let failure = match loaded {
             Ok(Ok(model)) => {
                 let model = Arc::new(model);
@@ -524,15 +581,4 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
         body,
     )
         .into_response()
-}
-
-async fn not_found() -> Response {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        code: Some("not_found"),
-        ..ApiError::bad_request(
-            "no such endpoint (served: POST /v1/chat/completions, GET /v1/models, /health, /metrics)",
-        )
-    }
-    .into_response()
 }
