@@ -80,7 +80,7 @@ pub fn check_image_count(model: &Model, images: usize) -> Result<()> {
     let max_images = model.limits().max_images;
     if images > max_images {
         return Err(Error::Admission(format!(
-            "{images} images given, at most {max_images} per request (limits.max_images)"
+            "{images} images given, more than the limit of {max_images} per request (limits.max_images)"
         )));
     }
     Ok(())

@@ -211,16 +211,17 @@ def test_a_huge_one_word_prompt_is_refused_before_tokenizing(defaults: Server):
 
 
 def test_images_over_the_request_pixel_budget_are_refused_before_decoding(defaults: Server):
-    # Five 4096 x 4096 images compress to almost nothing and are each within the per-image limits.
-    png = png_bytes(np.zeros((4096, 4096, 3), np.uint8))
-    content = [{"type": "image_url", "image_url": {"url": data_url(png)}}] * 5 + [{"type": "text", "text": "hi"}]
+    # Four 4096 x 4100 images (the default limits.max_images) compress to almost nothing and are each
+    # within the per-image limits; together they are just over the 8192^2 pixel budget.
+    png = png_bytes(np.zeros((4100, 4096, 3), np.uint8))
+    content = [{"type": "image_url", "image_url": {"url": data_url(png)}}] * 4 + [{"type": "text", "text": "hi"}]
     with Peak(defaults) as peak:
         start = time.monotonic()
         status, raw = defaults.chat_raw([{"role": "user", "content": content}])
         elapsed = time.monotonic() - start
-    print(f"5 x 16.8 Mpx: {status} in {elapsed:.2f} s, peak +{peak.mib:.0f} MiB (bound {REFUSED_PEAK_MIB} MiB)")
+    print(f"4 x 16.8 Mpx: {status} in {elapsed:.2f} s, peak +{peak.mib:.0f} MiB (bound {REFUSED_PEAK_MIB} MiB)")
     error = assert_error(status, raw, 400, code="request_too_large", param="messages")
-    assert "83886080 pixels" in error["message"] and "67108864 pixels" in error["message"]
+    assert f"{4 * 4096 * 4100} pixels" in error["message"] and "67108864 pixels" in error["message"]
     assert elapsed < 2.0
     assert peak.mib <= REFUSED_PEAK_MIB
     assert running(defaults) == 0
