@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 use llama3v::generate::Request;
+use llama3v::manifest::{LoadOptions, Manifest};
 use llama3v::preprocess::{read_image_file, DecodeLimits};
 use llama3v::request::{check_image_count, resolve_sampling, single_turn, SamplingRequest};
 use llama3v::request_limits::{load_images, EncodedImage, RequestLimits};
@@ -69,11 +70,25 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
         .collect::<Result<Vec<_>, llama3v::Error>>()?;
     let messages = single_turn(args.system.as_deref(), encoded.len(), &args.prompt);
     request_limits.check_prompt(&messages)?;
-    // Headers against the pixel budget before the model loads, so a bad image fails fast.
-    request_limits.check_images(&encoded, &decode_limits)?;
 
+    // Images are decoded before the model loads (which hashes every graph file), so a bad image fails
+    // fast; the size they are decoded to comes from the manifest alone.
+    let dir = args.model.model_dir();
+    let manifest = Manifest::load(
+        &dir,
+        LoadOptions {
+            verify_hashes: false,
+        },
+    )?;
+    let images = load_images(
+        encoded,
+        &decode_limits,
+        &request_limits,
+        manifest.image_size(),
+        &mut || Ok(()),
+    )?;
     let model = args.model.load()?;
-    check_image_count(&model, encoded.len())?;
+    check_image_count(&model, images.len())?;
     let sampling = resolve_sampling(
         &SamplingRequest {
             temperature: args.temperature,
@@ -83,13 +98,6 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
             seed: args.seed,
         },
         &model.manifest.generation,
-    )?;
-    let images = load_images(
-        encoded,
-        &decode_limits,
-        &request_limits,
-        model.image_size(),
-        &mut || Ok(()),
     )?;
     let request = Request {
         messages: &messages,

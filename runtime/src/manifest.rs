@@ -634,6 +634,15 @@ impl Manifest {
             ModelDtype::Fp16 => TensorDtype::Float16,
         }
     }
+
+    /// The (width, height) every image is resized to before the vision graph, when the layout has
+    /// one: images may be decoded straight to it. MiniCPM-V slices each image from its own size.
+    pub fn image_size(&self) -> Option<(u32, u32)> {
+        match self.minicpmv {
+            Some(_) => None,
+            None => Some((self.image.width, self.image.height)),
+        }
+    }
 }
 
 fn expect_io(

@@ -167,16 +167,6 @@ impl Model {
         }
     }
 
-    /// The size every image is resized to before the vision graph, when the model has one (MiniCPM-V
-    /// slices each image from its own size): images may be decoded straight to it.
-    pub fn image_size(&self) -> Option<(u32, u32)> {
-        let image = &self.manifest.image;
-        match self.manifest.minicpmv {
-            Some(_) => None,
-            None => Some((image.width, image.height)),
-        }
-    }
-
     /// Preprocessed pixel values of all images (MiniCPM-V: of all their slices), CHW each, in order.
     pub fn pixel_values(&self, images: &[RgbImage]) -> ImageBatch {
         let image = &self.manifest.image;

@@ -68,13 +68,19 @@ impl RequestLimits {
     }
 
     /// Refuses a request's images when their headers claim more than `max_request_pixels` together
-    /// (or a header breaks a per-image bound of `decode`); nothing is decoded.
-    pub fn check_images(&self, encoded: &[EncodedImage], decode: &DecodeLimits) -> Result<()> {
+    /// (or a header breaks a per-image bound of `decode`); nothing is decoded. Gives each image's
+    /// (width, height).
+    pub fn check_images(
+        &self,
+        encoded: &[EncodedImage],
+        decode: &DecodeLimits,
+    ) -> Result<Vec<(u32, u32)>> {
         let dims = encoded
             .iter()
             .map(|image| image_dimensions(&image.bytes, &image.name, decode))
             .collect::<Result<Vec<_>>>()?;
-        self.check_pixels(&dims)
+        self.check_pixels(&dims)?;
+        Ok(dims)
     }
 
     /// Refuses images whose headers claim more than `max_request_pixels` together.
@@ -109,7 +115,7 @@ impl std::fmt::Debug for EncodedImage {
 
 /// A request's encoded images -> decoded images, in order: every header is checked against
 /// `limits.max_request_pixels` first, then each image is decoded in turn (resized to `size`, the
-/// model's (width, height), when given: [`crate::model::Model::image_size`]) and its encoded bytes
+/// model's (width, height), when given: [`crate::manifest::Manifest::image_size`]) and its encoded bytes
 /// dropped. `on_image` runs after each image (a server checks there whether its client is still
 /// waiting) and may stop the work with an error.
 pub fn load_images(

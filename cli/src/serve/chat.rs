@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -19,7 +19,7 @@ use futures_util::stream::{self, StreamExt};
 use llama3v::engine::Job as EngineJob;
 use llama3v::generate::{FinishReason, Generation, Timings};
 use llama3v::request::{admit, check_image_count};
-use llama3v::request_limits::load_images;
+use llama3v::request_limits::{load_images, prompt_text_bytes};
 use llama3v::sequence::Sink;
 use llama3v::Model;
 use serde_json::{json, Value};
@@ -27,10 +27,13 @@ use tokio::sync::mpsc;
 
 use super::api::{self, ReplyHeader};
 use super::errors::ApiError;
+use super::memory::decode_cost;
 use super::request::{parse_request, validate, Job};
 use super::AppState;
 
 const ENDPOINT: &str = "/v1/chat/completions";
+/// How often a request waiting for decode memory checks whether its client is still there.
+const MEMORY_POLL: Duration = Duration::from_millis(20);
 
 /// What the engine tells the handler. The channel is unbounded so the engine never waits for a slow
 /// client; what it holds is bounded by the request's token budget.
@@ -154,13 +157,27 @@ fn prepare(state: &AppState, model: &Model, job: Job, sink: ReplySink) {
             }
             encoded.push(state.images.fetch(i, &url)?);
         }
-        // Headers against the pixel budget first, then one image at a time (at the model's size
-        // where it has one).
+        // Headers against the pixel budget first; then room in the decode memory budget for the
+        // costlier of decoding the largest image and tokenizing the text (waiting for it, as long as
+        // the client does); then one image at a time (at the model's size where it has one).
+        let dims = state
+            .limits
+            .request
+            .check_images(&encoded, &state.images.limits)?;
+        let cost = decode_cost(
+            &dims,
+            prompt_text_bytes(&job.messages),
+            model.manifest.image_size().is_none(),
+        );
+        let _decode_memory = state
+            .decodes
+            .reserve_blocking(cost, MEMORY_POLL, || sink.is_cancelled())
+            .ok_or_else(gone)?;
         let images = load_images(
             encoded,
             &state.images.limits,
             &state.limits.request,
-            model.image_size(),
+            model.manifest.image_size(),
             &mut || {
                 if sink.is_cancelled() {
                     Err(llama3v::Error::Cancelled)

@@ -5,7 +5,8 @@
 //!   of its previous response (hyper's header-read timeout, which also closes idle keep-alive
 //!   connections), and a whole body within `--body-timeout-secs` of its head (408 otherwise).
 //! - A declared `Content-Length` over `--max-body-bytes` gets 413 before a byte of the body is read;
-//!   a body without one is cut off at the limit (413).
+//!   a body without one is cut off at the limit (413). A body is read only once the bodies' memory
+//!   budget has room for it (`memory`); until then the request waits.
 //! - A target over `MAX_URI_BYTES` gets 414, a head over `MAX_HEADER_BYTES` or `MAX_HEADERS` fields
 //!   gets 431, an unknown path 404 and a wrong method 405, all as `{"error": {...}}`. Heads too large
 //!   for hyper's own buffer (`HYPER_MAX_BUF_BYTES`, `HYPER_MAX_HEADERS`) are refused by hyper itself
@@ -27,6 +28,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 use super::errors::ApiError;
+use super::memory::MemoryBudget;
 
 /// Longest request target (path and query) accepted.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
@@ -40,19 +42,24 @@ const HYPER_MAX_BUF_BYTES: usize = 64 * 1024;
 const HYPER_MAX_HEADERS: usize = 128;
 
 /// The HTTP layer's limits (flags of `serve`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HttpLimits {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub max_body_bytes: usize,
+    /// What request bodies may hold at once (`memory`).
+    pub bodies: Arc<MemoryBudget>,
 }
+
+/// Bodies are held about three times: the bytes, the parsed request, the base64-decoded images.
+const BODY_COPIES: u64 = 3;
 
 /// Serves `router` on `listener` until `shutdown` completes; then stops accepting, lets each
 /// connection finish its request in flight (idle ones close at once) and returns when all are done.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    limits: HttpLimits,
+    limits: &HttpLimits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -138,6 +145,19 @@ pub async fn guard(
     if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
         return ApiError::payload_too_large(limits.max_body_bytes).into_response();
     }
+    // Room for the body before a byte of it is read (none for requests that carry none); held until
+    // the handler has answered.
+    let expects_body = declared.is_some_and(|n| n > 0)
+        || (declared.is_none() && headers.contains_key(header::TRANSFER_ENCODING));
+    let _body_memory = if expects_body {
+        let size = declared.unwrap_or(limits.max_body_bytes as u64);
+        match limits.bodies.reserve(BODY_COPIES * size).await {
+            Some(reservation) => Some(reservation),
+            None => return ApiError::unavailable("the server is shutting down").into_response(),
+        }
+    } else {
+        None
+    };
     let (parts, body) = request.into_parts();
     let read = axum::body::to_bytes(body, limits.max_body_bytes);
     let bytes = match tokio::time::timeout(limits.body_timeout, read).await {

@@ -109,6 +109,9 @@ pub struct Gauges {
     pub draining: bool,
     /// The batch engine's state, once the model is loaded.
     pub engine: Option<EngineStats>,
+    /// Bytes reserved and the budget, for request bodies and for image decodes (`memory`).
+    pub bodies: (u64, u64),
+    pub decodes: (u64, u64),
 }
 
 impl Metrics {
@@ -268,6 +271,26 @@ impl Metrics {
             "1 once the model is loaded.",
             u8::from(gauges.ready),
         );
+        let budgets = [
+            ("bodies", "body", gauges.bodies),
+            ("decodes", "decode", gauges.decodes),
+        ];
+        for (budget, flag, (reserved, total)) in budgets {
+            single(
+                &mut out,
+                &format!("llama3v_{budget}_memory_reserved_bytes"),
+                "gauge",
+                &format!("Bytes reserved from the {budget} memory budget by requests in flight."),
+                reserved,
+            );
+            single(
+                &mut out,
+                &format!("llama3v_{budget}_memory_budget_bytes"),
+                "gauge",
+                &format!("The {budget} memory budget (--{flag}-memory)."),
+                total,
+            );
+        }
         single(
             &mut out,
             "llama3v_draining",

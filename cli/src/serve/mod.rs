@@ -15,6 +15,7 @@ mod errors;
 mod fields;
 mod http;
 mod images;
+mod memory;
 mod metrics;
 mod request;
 
@@ -48,6 +49,7 @@ use auth::{ApiKeys, SecretKey};
 use errors::ApiError;
 use http::HttpLimits;
 use images::ImagePolicy;
+use memory::MemoryBudget;
 use metrics::{Gauges, Metrics};
 use request::Limits;
 
@@ -99,6 +101,14 @@ pub struct ServeArgs {
     /// Seconds a request gets to send its whole body once its head has arrived (408 after that)
     #[arg(long, default_value_t = 60.0, value_parser = parse_seconds)]
     pub body_timeout_secs: f64,
+    /// Bytes request bodies may hold at once (three times each body's size: its bytes, the parsed
+    /// request, its decoded images); a request whose body does not fit waits before it is read
+    #[arg(long, default_value_t = 512 * 1024 * 1024)]
+    pub body_memory: u64,
+    /// Bytes image decoding and tokenizing may hold at once over all requests (each request's largest
+    /// image at 4 bytes a pixel, or 70 bytes per byte of its text); a request that does not fit waits
+    #[arg(long, default_value_t = 1024 * 1024 * 1024)]
+    pub decode_memory: u64,
     /// Read special tokens (and the image token) typed in message text as plain text, so a client
     /// cannot end its turn and write the assistant's; the template's own stay special. The default
     /// parses them, as transformers' processor does
@@ -214,6 +224,9 @@ pub struct AppState {
     pub limits: Limits,
     pub images: ImagePolicy,
     pub scheduler: Arc<Scheduler>,
+    /// What request bodies and image decodes may hold at once (`memory`).
+    pub bodies: Arc<MemoryBudget>,
+    pub decodes: Arc<MemoryBudget>,
     pub metrics: Metrics,
     /// Set when the shutdown grace time is over: running generations stop at their next step.
     pub cancel_all: AtomicBool,
@@ -308,6 +321,8 @@ fn app_state(args: &ServeArgs) -> Result<AppState> {
             args.max_batch.unwrap_or(DEFAULT_MAX_BATCH),
             args.max_queue,
         )),
+        bodies: MemoryBudget::new(args.body_memory),
+        decodes: MemoryBudget::new(args.decode_memory),
         metrics: Metrics::default(),
         cancel_all: AtomicBool::new(false),
         shutting_down: AtomicBool::new(false),
@@ -387,12 +402,13 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode> {
         header_timeout: Duration::from_secs_f64(args.header_timeout_secs),
         body_timeout: Duration::from_secs_f64(args.body_timeout_secs),
         max_body_bytes: args.max_body_bytes,
+        bodies: Arc::clone(&state.bodies),
     };
-    let app = router(Arc::clone(&state), http_limits);
+    let app = router(Arc::clone(&state), http_limits.clone());
     let server = http::serve(
         listener,
         app,
-        http_limits,
+        &http_limits,
         drain::until_drained(stop_rx.clone(), Arc::clone(&state)),
     );
     tokio::pin!(server);
@@ -572,6 +588,8 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
         ready: state.model.get().is_some(),
         draining: state.shutting_down.load(Ordering::SeqCst),
         engine: state.engine().map(EngineThread::stats),
+        bodies: (state.bodies.reserved_bytes(), state.bodies.total_bytes()),
+        decodes: (state.decodes.reserved_bytes(), state.decodes.total_bytes()),
     });
     (
         [(
