@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use llama3v::manifest::MiniCpmvSettings;
 use llama3v::manifest::MAX_IMAGE_SIDE;
-use llama3v::minicpmv::{image_batch, MiniCpmvSettings};
+use llama3v::minicpmv::image_batch;
 use llama3v::preprocess::{
     load_image, load_image_timed, pixel_values_timed, preprocess_file, DecodeLimits,
     PreprocessConfig, StageTimes,

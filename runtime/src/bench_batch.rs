@@ -15,11 +15,11 @@ use serde::Serialize;
 use crate::bench::{peak_rss_bytes, Synthetic};
 use crate::engine::{Engine, EngineConfig, Job};
 use crate::error::Result;
-use crate::generate::{Generation, Timings};
 use crate::model::Model;
 use crate::request::admit;
 use crate::sampling::SamplingParams;
 use crate::sequence::Sink;
+use crate::sequence::{Generation, Timings};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchBenchConfig {

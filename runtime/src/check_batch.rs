@@ -15,12 +15,12 @@ use serde::Serialize;
 use crate::check::{load_reference, measure, Measure, Tolerances};
 use crate::engine::{Engine, EngineConfig, Job};
 use crate::error::{Error, Result};
-use crate::generate::{Generation, Timings};
 use crate::model::Model;
 use crate::preprocess::{load_image, DecodeLimits};
 use crate::request::admit;
 use crate::sampling::SamplingParams;
 use crate::sequence::Sink;
+use crate::sequence::{Generation, Timings};
 use crate::vision::ImageBatch;
 
 #[derive(Debug, Clone, Serialize)]

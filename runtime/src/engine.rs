@@ -31,10 +31,10 @@ use std::time::{Duration, Instant};
 use crate::decode::{bytes_per_position, new_batch, KvBatch, Prefill};
 use crate::embed::embed_tokens;
 use crate::error::{Error, Result};
-use crate::generate::{FinishReason, Timings};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::sequence::{ms, BoxedSink, Sequence, Sink, Stops};
+use crate::sequence::{FinishReason, Timings};
 use crate::vision::ImageBatch;
 
 /// How many sequences decode together and how much cache they may hold.

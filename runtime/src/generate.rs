@@ -4,7 +4,6 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 use image::RgbImage;
-use serde::Serialize;
 
 use crate::chat_template::ChatMessage;
 use crate::engine::{Engine, EngineConfig, Job};
@@ -12,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::request::admit;
 use crate::sampling::SamplingParams;
-use crate::sequence::{ms, Sink};
+use crate::sequence::{ms, Generation, Sink, Timings};
 
 pub struct Request<'a> {
     pub messages: &'a [ChatMessage],
@@ -22,41 +21,6 @@ pub struct Request<'a> {
     pub sampling: SamplingParams,
     /// Keep generating through stop ids (benchmarks and reference checks).
     pub ignore_stop: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// A stop id was sampled (it is not part of the output).
-    Stop,
-    /// `max_new_tokens` were generated.
-    Length,
-    /// The caller's callback asked to stop (e.g. its client went away); the output is what was made so far.
-    Cancelled,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Timings {
-    /// Waiting for admission to the batch (room in the batch and the KV budget).
-    pub queue_ms: f64,
-    pub preprocess_ms: f64,
-    pub vision_ms: f64,
-    pub prefill_ms: f64,
-    /// Time to first token: from the start of the request to the first sampled token.
-    pub ttft_ms: f64,
-    pub decode_ms: f64,
-    /// Tokens per second over the decode steps (after the first token).
-    pub decode_tokens_per_s: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Generation {
-    pub text: String,
-    /// Every generated token, including those that spelled a stop string (which `text` leaves out).
-    pub tokens: Vec<u32>,
-    pub prompt_tokens: Vec<u32>,
-    pub finish_reason: FinishReason,
-    pub timings: Timings,
 }
 
 /// Hands a single generation's text to the caller's callback and keeps its result.
@@ -96,8 +60,8 @@ impl Model {
     /// `on_step` is called once per generated token with the text that became final (possibly empty:
     /// an incomplete character, or text held back because it may start a stop string), so a caller can
     /// cancel at every step by returning `Break`; the generation then ends with
-    /// [`FinishReason::Cancelled`] and its KV cache is freed. A stop string ends the generation with
-    /// [`FinishReason::Stop`]; neither it nor anything after it is part of the text.
+    /// [`crate::sequence::FinishReason::Cancelled`] and its KV cache is freed. A stop string ends the generation with
+    /// [`crate::sequence::FinishReason::Stop`]; neither it nor anything after it is part of the text.
     pub fn generate_until(
         &self,
         request: &Request<'_>,

@@ -8,7 +8,6 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::minicpmv::MiniCpmvSettings;
 use crate::preprocess::PreprocessConfig;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -674,6 +673,51 @@ pub fn resolve_inside(dir: &Path, name: &str) -> Result<PathBuf> {
         });
     }
     Ok(dir.join(rel))
+}
+
+/// Largest `max_slice_nums` a manifest may declare (2.5 uses 9).
+pub const MAX_SLICES: u32 = 64;
+
+/// The manifest's `minicpmv` section: slicing and the prompt layout's special tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MiniCpmvSettings {
+    /// Feature rows per slice (the resampler's queries; 96 in 2.5).
+    pub query_num: usize,
+    pub max_slice_nums: u32,
+    /// A slice holds about `scale_resolution²` pixels.
+    pub scale_resolution: u32,
+    pub patch_size: u32,
+    pub image_start_token: String,
+    pub image_start_token_id: u32,
+    pub image_end_token: String,
+    pub image_end_token_id: u32,
+    pub slice_start_token: String,
+    pub slice_start_token_id: u32,
+    pub slice_end_token: String,
+    pub slice_end_token_id: u32,
+}
+
+impl MiniCpmvSettings {
+    pub fn validate(&self, max_side: u32) -> std::result::Result<(), String> {
+        if self.query_num == 0 || self.patch_size == 0 || self.scale_resolution == 0 {
+            return Err(
+                "minicpmv query_num, patch_size and scale_resolution must be positive".into(),
+            );
+        }
+        if self.scale_resolution > max_side || self.patch_size > self.scale_resolution {
+            return Err(format!(
+                "minicpmv scale_resolution {} must be at most {max_side} and at least patch_size {}",
+                self.scale_resolution, self.patch_size
+            ));
+        }
+        if !(1..=MAX_SLICES).contains(&self.max_slice_nums) {
+            return Err(format!(
+                "minicpmv max_slice_nums {} must be in 1..={MAX_SLICES}",
+                self.max_slice_nums
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

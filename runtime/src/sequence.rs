@@ -5,10 +5,46 @@
 use std::ops::ControlFlow;
 use std::time::Instant;
 
+use serde::Serialize;
+
 use crate::error::Result;
-use crate::generate::{FinishReason, Generation, Timings};
 use crate::sampling::Sampler;
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop id was sampled (it is not part of the output).
+    Stop,
+    /// `max_new_tokens` were generated.
+    Length,
+    /// The caller's callback asked to stop (e.g. its client went away); the output is what was made so far.
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    /// Waiting for admission to the batch (room in the batch and the KV budget).
+    pub queue_ms: f64,
+    pub preprocess_ms: f64,
+    pub vision_ms: f64,
+    pub prefill_ms: f64,
+    /// Time to first token: from the start of the request to the first sampled token.
+    pub ttft_ms: f64,
+    pub decode_ms: f64,
+    /// Tokens per second over the decode steps (after the first token).
+    pub decode_tokens_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub text: String,
+    /// Every generated token, including those that spelled a stop string (which `text` leaves out).
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub timings: Timings,
+}
 
 /// Where a sequence's text goes as it becomes final, and its end. Called from the engine's thread
 /// between steps, so it must not block: a server hands pieces to a channel.
