@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 use llama3v::chat_template::{ChatMessage, ChatTemplate, ContentPart};
 
 /// The LLaVA Llama-3 template the exporter writes into manifest.json.
-const TEMPLATE: &str = include_str!("../data/llava_llama3.jinja");
+const TEMPLATE: &str = include_str!("../../tests/data/llava_llama3.jinja");
 
 fuzz_target!(|data: &[u8]| {
     let Ok(template) = ChatTemplate::new(TEMPLATE, "<|begin_of_text|>", "<|eot_id|>") else {

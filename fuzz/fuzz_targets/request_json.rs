@@ -32,7 +32,7 @@ mod serve {
 use serve::images::ImagePolicy;
 use serve::request::{parse_request, validate, Limits};
 
-const TEMPLATE: &str = include_str!("../data/llava_llama3.jinja");
+const TEMPLATE: &str = include_str!("../../tests/data/llava_llama3.jinja");
 const TOKENIZER_JSON: &[u8] = include_bytes!("../data/tokenizer.json");
 
 struct Text {

@@ -204,7 +204,7 @@ mod tests {
     use crate::chat_template::ChatTemplate;
 
     const TOKENIZER_JSON: &[u8] = include_bytes!("../../fuzz/data/tokenizer.json");
-    const TEMPLATE: &str = include_str!("../../fuzz/data/llava_llama3.jinja");
+    const TEMPLATE: &str = include_str!("../../tests/data/llava_llama3.jinja");
 
     fn setup() -> (TextTokenizer, ChatTemplate, PlainUserText) {
         let inner = tokenizers::Tokenizer::from_bytes(TOKENIZER_JSON)
