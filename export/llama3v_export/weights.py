@@ -1,0 +1,191 @@
+"""Weights streamed from the checkpoint into the graphs' external data, one tensor (or a slice of one) at a time.
+
+The export never holds the model: each weight is read from its safetensors shard when the graph builder asks for it
+(`safe_open` memory-maps the shard; it is opened per read, so pages already copied out are not kept mapped, which
+would count them in the process's resident memory), converted to the graph's dtype slice by slice (bf16 -> fp16
+without an fp32 copy), transposed where a MatMul needs `[in, out]`, and appended to `<graph>.onnx.data`. The graph
+proto keeps only external-data references. Peak memory is the largest slice plus what the caller holds, not the
+model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+from safetensors import safe_open
+
+from .checkpoint import CheckpointError
+
+# Slices read, converted and written at a time: bounds the working set of every weight, the LM head's included.
+SLICE_BYTES = 64 * 2**20
+# External tensors start at multiples of this (onnx's own alignment for large tensors): ONNX Runtime maps aligned
+# external data straight from the file instead of copying it.
+ALIGNMENT = 64 * 2**10
+
+NUMPY_FLOAT = {"float32": np.float32, "float16": np.float16}
+TORCH_FLOAT = {"float32": torch.float32, "float16": torch.float16}
+ONNX_ELEMENT = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+
+# Where a checkpoint may keep a module's weights: transformers 5's module names, the original LLaVA layout that
+# `save_pretrained` writes, and the `vision_model.` level older SigLIP towers carry.
+KEY_PREFIXES = (
+    ("model.language_model.", ("language_model.model.", "model.language_model.")),
+    ("lm_head.", ("language_model.lm_head.", "lm_head.")),
+    (
+        "model.vision_tower.",
+        (
+            "vision_tower.",
+            "vision_tower.vision_model.",
+            "model.vision_tower.",
+            "model.vision_tower.vision_model.",
+        ),
+    ),
+    ("model.multi_modal_projector.", ("multi_modal_projector.", "model.multi_modal_projector.")),
+)
+
+
+class CheckpointWeights:
+    """The checkpoint's tensors by module name (as `LlavaForConditionalGeneration.named_parameters` spells them),
+    read slice by slice from their shards."""
+
+    def __init__(self, files: Sequence[Path], tie_word_embeddings: bool = False):
+        self._shards: dict[str, Path] = {}
+        for path in files:
+            with safe_open(str(path), "pt") as f:
+                self._shards.update(dict.fromkeys(f.keys(), path))
+        self._tied = tie_word_embeddings
+
+    def key(self, name: str) -> str:
+        """The checkpoint key of module parameter `name`; CheckpointError if the checkpoint lacks it."""
+        candidates = [name]
+        for module_prefix, saved_prefixes in KEY_PREFIXES:
+            if name.startswith(module_prefix):
+                candidates = [p + name[len(module_prefix) :] for p in saved_prefixes]
+        for candidate in candidates:
+            if candidate in self._shards:
+                return candidate
+        if self._tied and name == "lm_head.weight":
+            return self.key("model.language_model.embed_tokens.weight")
+        raise CheckpointError(f"the checkpoint has no weight for {name} (looked for {', '.join(candidates)})")
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.key(name)
+        except CheckpointError:
+            return False
+        return True
+
+    @contextmanager
+    def _slice(self, name: str):
+        key = self.key(name)
+        with safe_open(str(self._shards[key]), "pt") as f:
+            yield f.get_slice(key)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with self._slice(name) as s:
+            return tuple(s.get_shape())
+
+    def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole tensor in `dtype`, filled slice by slice (no second copy in the checkpoint's dtype)."""
+        out = torch.empty(self.shape(name), dtype=dtype)
+        if out.ndim == 0:
+            with self._slice(name) as s:
+                return s[:].to(dtype)
+        start = 0
+        for rows in self.row_slices(name, dtype):
+            out[start : start + rows.shape[0]] = rows
+            start += rows.shape[0]
+        return out
+
+    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        with self._slice(name) as s:
+            return s[start:stop].to(dtype)
+
+    def columns(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        with self._slice(name) as s:
+            return s[:, start:stop].to(dtype)
+
+    def row_slices(self, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """The tensor in `dtype`, in slices of whole rows of about SLICE_BYTES each."""
+        shape = self.shape(name)
+        row_bytes = max(int(np.prod(shape[1:])), 1) * 4
+        step = max(1, SLICE_BYTES // row_bytes)
+        for start in range(0, shape[0], step):
+            yield self.rows(name, start, min(start + step, shape[0]), dtype)
+
+    def transposed_slices(self, names: Sequence[str], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """`cat([W for W in names], 0).T` (a MatMul's `[in, out]` weight from Linear weights `[out, in]`), in slices
+        of whole rows of the result: each slice reads a band of input columns from every source."""
+        inputs = {self.shape(n)[1] for n in names}
+        if len(inputs) != 1:
+            raise CheckpointError(f"{', '.join(names)}: packed weights need one input size, got {sorted(inputs)}")
+        (k,) = inputs
+        n = sum(self.shape(name)[0] for name in names)
+        step = max(1, SLICE_BYTES // (n * 4))
+        for start in range(0, k, step):
+            stop = min(start + step, k)
+            band = torch.cat([self.columns(name, start, stop, dtype) for name in names], 0)
+            yield band.T.contiguous()
+
+
+class ExternalData:
+    """`<graph>.onnx.data` written as the graph is built: each tensor appended once, never held whole unless its
+    producer holds it. `written` counts the bytes so far, for progress."""
+
+    def __init__(self, path: Path, progress: Callable[[int], None] | None = None):
+        self.path = path
+        self.written = 0
+        self._file = path.open("wb")
+        self._progress = progress
+
+    def add(self, name: str, shape: Sequence[int], dtype: np.dtype, slices: Iterable[np.ndarray]) -> TensorProto:
+        """Append `slices` (C order, concatenated along the first axis they make up `shape`) as tensor `name`."""
+        padding = -self.written % ALIGNMENT
+        self._file.write(b"\0" * padding)
+        self.written += padding
+        offset, length = self.written, 0
+        for piece in slices:
+            data = np.ascontiguousarray(piece, dtype=dtype)
+            self._file.write(data.data)
+            length += data.nbytes
+        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if length != expected:
+            raise AssertionError(f"{name}: wrote {length} bytes, shape {list(shape)} needs {expected}")
+        self.written += length
+        if self._progress is not None:
+            self._progress(self.written)
+        tensor = TensorProto(name=name, dims=list(shape), data_type=onnx.helper.np_dtype_to_tensor_dtype(dtype))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Progress:
+    """One line per step of a long graph build: which graph, which part, bytes written, elapsed time."""
+
+    def __init__(self, graph: str, log: Callable[[str], None], total_bytes: int | None = None):
+        self.graph = graph
+        self.log = log
+        self.total = total_bytes
+        self.start = time.perf_counter()
+        self.written = 0
+
+    def bytes(self, written: int) -> None:
+        self.written = written
+
+    def step(self, what: str) -> None:
+        total = f" of {self.total / 2**30:.2f}" if self.total else ""
+        elapsed = time.perf_counter() - self.start
+        self.log(f"{self.graph}: {what}, {self.written / 2**30:.2f}{total} GiB written, {elapsed:.1f} s")
