@@ -1,9 +1,6 @@
-"""The three graphs of a model directory, each built the way that keeps the export's memory bounded by one graph.
-
-The embed and decoder graphs are written node by node with their weights streamed from the checkpoint
-(text_graphs.py, fused.py); the vision graph is traced from the vision tower and projector alone, loaded in the
-export dtype (graphs.py): at SigLIP-so400m's 400M parameters its trace stays well under the decoder's weights.
-"""
+"""The three graphs of a model directory, written one after another, node by node, each weight streamed from the
+checkpoint into the graph's external data as its node is written (builder.py, weights.py): the export's memory is
+bounded by a slice of one weight plus the graph protos, not by the model."""
 
 from __future__ import annotations
 
@@ -11,32 +8,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from transformers import LlavaConfig
 
 from .builder import Int4
 from .fused import build_fused_decoder
-from .graphs import Dims, VisionGraph, check_io, export_graph, graph_specs
-from .lazy_model import materialize, meta_model
+from .graphs import Dims, check_io, graph_specs
 from .text_graphs import build_embed, build_plain_decoder
-from .weights import TORCH_FLOAT, CheckpointWeights
-
-
-def export_vision(
-    config: LlavaConfig,
-    weights: CheckpointWeights,
-    dims: Dims,
-    out_dir: Path,
-    float_dtype: str,
-    opset: int,
-    external_data: bool | None,
-) -> list[Path]:
-    model = meta_model(config)
-    for prefix in ("model.vision_tower", "model.multi_modal_projector"):
-        materialize(model.get_submodule(prefix), prefix, weights, TORCH_FLOAT[float_dtype])
-    module = VisionGraph(model, dims.vision_feature_layer).eval()
-    spec = graph_specs(dims, float_dtype)["vision"]
-    return export_graph(module, spec, out_dir, dims, opset, external_data)
+from .vision_graph import build_vision
+from .weights import CheckpointWeights
 
 
 def export_all(
@@ -61,8 +40,8 @@ def export_all(
         kind = f" ({decoder}{', int4' if int4 else ''})" if name == "decoder" else ""
         log(f"exporting {name} graph{kind} ...")
         if name == "vision":
-            with torch.no_grad():
-                files[name] = export_vision(config, weights, dims, out_dir, float_dtype, opset, external_data)
+            args = (specs[name], out_dir, float_dtype, opset, config, dims, weights, log, external_data)
+            files[name] = build_vision(*args)
         elif name == "embed":
             files[name] = build_embed(specs[name], out_dir, float_dtype, opset, weights, log, external_data)
         else:

@@ -1,15 +1,8 @@
-"""The graphs' contract (names, dtypes, shapes: onnx/README.md), the model dims, and the traced vision graph.
-
-The vision graph is a small torch wrapper around the LLaVA vision tower and projector, exported with the
-TorchScript exporter (`dynamo=False`). Tracing records one path through Python control flow, so the dummy inputs
-are chosen to take the general path (batch 2) and the validation stage checks another batch size. The embed and
-decoder graphs are built node by node (text_graphs.py, fused.py).
-"""
+"""The graphs' contract (names, dtypes, shapes: onnx/README.md) and the model dims they are built from; the
+graphs themselves are built node by node (vision_graph.py, text_graphs.py, fused.py)."""
 
 from __future__ import annotations
 
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +10,7 @@ import onnx
 import torch
 from transformers import LlavaForConditionalGeneration
 
-# Weights past this size go to `<graph>.onnx.data` by default. ONNX Runtime copies initializers embedded in the
+# Weights past this size stay in `<graph>.onnx.data` by default. ONNX Runtime copies initializers embedded in the
 # protobuf out of the parsed file at load, so an embedded graph briefly needs its weights twice (the mid preset:
 # 980 MiB peak against 711 MiB external); external data is read straight into place. Protobuf also cannot hold
 # a message over 2 GiB at all. Small graphs stay one self-contained file.
@@ -54,10 +47,6 @@ class GraphSpec:
     @property
     def file(self) -> str:
         return f"{self.name}.onnx"
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        tensors = self.inputs + self.outputs
-        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in tensors}
 
 
 @dataclass(frozen=True)
@@ -140,25 +129,6 @@ def graph_specs(dims: Dims, float_dtype: str) -> dict[str, GraphSpec]:
     return {"vision": vision, "embed": embed, "decoder": decoder}
 
 
-class VisionGraph(torch.nn.Module):
-    """pixel_values -> image_features: SigLIP hidden state `vision_feature_layer`, all patches, LLaVA projector.
-
-    This is `LlavaModel.get_image_features` for an int layer and strategy `full`, minus its final split into a
-    per-image list (tracing would fix the batch size at the list's length). Validation compares against
-    `get_image_features` itself.
-    """
-
-    def __init__(self, model: LlavaForConditionalGeneration, feature_layer: int):
-        super().__init__()
-        self.vision_tower = model.model.vision_tower
-        self.projector = model.model.multi_modal_projector
-        self.feature_layer = feature_layer
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        return self.projector(outputs.hidden_states[self.feature_layer])
-
-
 def dummy_inputs(spec: GraphSpec, sizes: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
     """Random inputs for `spec`, symbolic dims resolved from `sizes`; attention mask all ones, positions after
     the past, token ids below the text vocabulary."""
@@ -177,98 +147,6 @@ def dummy_inputs(spec: GraphSpec, sizes: dict[str, int], seed: int = 0) -> dict[
         else:
             tensors[t.name] = torch.randn(shape, generator=generator).to(TORCH_DTYPES[t.dtype])
     return tensors
-
-
-# Shapes traced through: every symbolic dim > 1 and distinct, so that no size is specialised to 0 or 1 or
-# confused with another.
-TRACE_SIZES = {"batch": 2, "sequence": 3, "past_sequence": 4}
-
-
-def export_graph(
-    module: torch.nn.Module,
-    spec: GraphSpec,
-    out_dir: Path,
-    dims: Dims,
-    opset: int,
-    external_data: bool | None = None,
-) -> list[Path]:
-    """Export one graph into `out_dir`; returns the files written (graph, then external data if any).
-
-    `external_data=None` decides by size: external data when the weights pass EXTERNAL_DATA_THRESHOLD.
-    """
-    inputs = dummy_inputs(spec, {**TRACE_SIZES, "vocab": dims.vocab_size})
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        tmp_file = Path(tmp) / spec.file
-        with torch.no_grad(), warnings.catch_warnings():
-            # The tracer warns about every Python bool/int it records as a constant; the validation stage
-            # checks the regimes those constants could break.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                tuple(inputs.values()),
-                str(tmp_file),
-                input_names=[t.name for t in spec.inputs],
-                output_names=[t.name for t in spec.outputs],
-                dynamic_axes=spec.dynamic_axes(),
-                opset_version=opset,
-                dynamo=False,
-                do_constant_folding=True,
-            )
-        return _save(tmp_file, out_dir / spec.file, spec, external_data)
-
-
-def _save(src: Path, dst: Path, spec: GraphSpec, external_data: bool | None) -> list[Path]:
-    """Write an exported graph into place with the contract's I/O shapes, gathering all weights into one
-    `<graph>.onnx.data` when external.
-
-    The TorchScript exporter writes one file per tensor once a graph passes 2 GiB; one data file is easier to
-    ship and checksum.
-    """
-    model = onnx.load(str(src), load_external_data=True)
-    _declare_shapes(model.graph, spec)
-    weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
-    if external_data is None:
-        external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    for stale in (dst, dst.with_name(dst.name + ".data")):
-        stale.unlink(missing_ok=True)
-    if not external_data:
-        onnx.save_model(model, str(dst))
-        onnx.checker.check_model(str(dst))
-        return [dst]
-    data = dst.with_name(dst.name + ".data")
-    # Tensors under 1 KiB (axes, split sizes, scalars) stay in the graph: ONNX Runtime's shape inference reads
-    # them when it loads the graph, and cannot from external data.
-    onnx.save_model(
-        model,
-        str(dst),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
-    # onnx creates the data file readable by its owner only; a server running as another user must read it as it
-    # reads the graph.
-    data.chmod(dst.stat().st_mode & 0o777)
-    onnx.checker.check_model(str(dst))
-    return [dst, data]
-
-
-def _declare_shapes(graph: onnx.GraphProto, spec: GraphSpec) -> None:
-    """Write the spec's shapes on the graph's inputs and outputs.
-
-    The exporter's shape inference loses some static dims (the vision graph's patch count comes out symbolic);
-    the declared shape is what tools and the runtime read, and validation checks the real output shapes.
-    """
-    for values, tensors in ((graph.input, spec.inputs), (graph.output, spec.outputs)):
-        for value, tensor in zip(values, tensors, strict=True):
-            dims = value.type.tensor_type.shape.dim
-            del dims[:]
-            for d in tensor.shape:
-                dim = dims.add()
-                if isinstance(d, str):
-                    dim.dim_param = d
-                else:
-                    dim.dim_value = d
 
 
 def check_io(path: Path, spec: GraphSpec) -> None:

@@ -1,10 +1,8 @@
 """A LlavaForConditionalGeneration whose weights stay in the checkpoint until a module runs.
 
-Built on the meta device (no memory), it is transformers' own model code: the vision graph is traced from its
-vision tower and projector with their weights loaded (`materialize`), and validation runs it as the PyTorch
-reference with every module's weights loaded in fp32 just before its forward and dropped just after
-(`lazy_reference`), so the reference of an 8B model never holds more than its largest weight (the LM head or the
-embedding table) in fp32.
+Built on the meta device (no memory), it is transformers' own model code; validation runs it as the PyTorch
+reference with every module's weights loaded in fp32 just before its forward and dropped just after, so the
+reference of an 8B model never holds more than its largest weight (the LM head or the embedding table) in fp32.
 """
 
 from __future__ import annotations
@@ -21,6 +19,9 @@ def meta_model(config: LlavaConfig) -> LlavaForConditionalGeneration:
     positions) real."""
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
+    # A checkpoint's config names its dtype (bf16 for real ones); modules read their dtype from their parameters,
+    # which are loaded in the dtype asked for.
+    model.to(torch.float32)
     model.set_attn_implementation("eager")
     language = model.model.language_model
     language.rotary_emb = LlamaRotaryEmbedding(config=config.text_config)
@@ -31,13 +32,6 @@ def meta_model(config: LlavaConfig) -> LlavaForConditionalGeneration:
     if remaining:
         raise NotImplementedError(f"buffers the export cannot compute: {', '.join(remaining)}")
     return model.eval()
-
-
-def materialize(module: torch.nn.Module, prefix: str, weights: CheckpointWeights, dtype: torch.dtype) -> None:
-    """Load every parameter under `module` (named `prefix` in the model) from the checkpoint, in `dtype`."""
-    names = [name for name, _ in module.named_parameters()]
-    state = {name: weights.tensor(f"{prefix}.{name}", dtype) for name in names}
-    module.load_state_dict(state, strict=False, assign=True)
 
 
 def _drop(module: torch.nn.Module) -> None:

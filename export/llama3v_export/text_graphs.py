@@ -66,7 +66,7 @@ def build_embed(
     return b.finish("llama3v_embed", external_data)
 
 
-class _Ops:
+class Ops:
     """Small helpers over a builder for the patterns both layers and attention repeat."""
 
     def __init__(self, b: GraphBuilder):
@@ -114,7 +114,7 @@ class _Ops:
         return self.b.one("Transpose", [shaped], f"{p}/heads", perm=[0, 2, 1, 3])
 
 
-def _attention_mask(b: GraphBuilder, ops: _Ops, inputs_embeds: str, attention_mask: str) -> str:
+def _attention_mask(b: GraphBuilder, ops: Ops, inputs_embeds: str, attention_mask: str) -> str:
     """Boolean `[B, 1, 1, S, T]`: query i (absolute position T - S + i) may attend key j when j <= T - S + i and
     attention_mask[b, j] is 1 (the causal rule transformers applies by cache position, plus padding)."""
     one = b.constant("mask/one", np.array(1, np.int64))
@@ -148,7 +148,7 @@ def build_plain_decoder(
     """inputs_embeds, attention_mask, position_ids, past -> logits (last position), present."""
     check_plain_supported(text_config)
     b = GraphBuilder(spec, out_dir, float_dtype, opset, weights, log, int4)
-    ops = _Ops(b)
+    ops = Ops(b)
     layers = text_config.num_hidden_layers
     heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
