@@ -69,7 +69,7 @@ def export_model(
     start = time.perf_counter()
 
     def step(message: str) -> None:
-        log(f"[{time.perf_counter() - start:6.1f} s] {message}")
+        log(f"[{time.perf_counter() - start:6.1f} s, {_resident()}] {message}")
 
     checkpoint = load_checkpoint(checkpoint_dir)
     step(f"checkpoint {checkpoint.path}: {', '.join(p.name for p in checkpoint.weights)}")
@@ -116,6 +116,16 @@ def export_model(
     write_model_files(out, checkpoint, result.manifest)
     step(f"wrote {out / 'manifest.json'}")
     return result
+
+
+def _resident() -> str:
+    """This process's resident memory now and at its peak, for progress lines (Linux; empty elsewhere)."""
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    except OSError:
+        return "memory n/a"
+    gib = {k: int(status[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM")}
+    return f"RSS {gib['VmRSS']:.2f} GiB, peak {gib['VmHWM']:.2f} GiB"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
