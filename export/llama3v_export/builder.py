@@ -107,14 +107,22 @@ class GraphBuilder:
         k = self.weights.shape(sources[0])[1]
         n = sum(self.weights.shape(s)[0] for s in sources)
         if self.int4 is None:
-            slices = (s.numpy() for s in self.weights.transposed_slices(sources, TORCH_FLOAT[self.float_dtype]))
-            self.external(weight, (k, n), slices)
+            dtype = np.dtype(self.numpy_float)
+            self.initializers.append(self.data.add_transposed(weight, (k, n), dtype, self._row_blocks(sources)))
             return self.node("MatMul", [x, weight], [output], name)[0]
         packed, scales = self._quantized(weight, sources, k, n)
         attrs = {"K": k, "N": n, "bits": 4, "block_size": self.int4.block_size}
         if self.int4.accuracy_level:
             attrs["accuracy_level"] = self.int4.accuracy_level
         return self.node("MatMulNBits", [x, packed, scales], [output], f"{name}_Q4", CONTRIB_DOMAIN, **attrs)[0]
+
+    def _row_blocks(self, sources: Sequence[str]) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows) of `cat(sources, 0)` in the graph's float dtype, slice by slice."""
+        first = 0
+        for source in sources:
+            for rows in self.weights.row_slices(source, TORCH_FLOAT[self.float_dtype]):
+                yield first, rows.numpy()
+                first += rows.shape[0]
 
     def _quantized(self, weight: str, sources: Sequence[str], k: int, n: int) -> tuple[str, str]:
         """The 4-bit blocks of `[K, N]` written slice by slice of output columns (blocks run along K within one

@@ -10,6 +10,7 @@ model.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -108,10 +109,6 @@ class CheckpointWeights:
         with self._slice(name) as s:
             return s[start:stop].to(dtype)
 
-    def columns(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        with self._slice(name) as s:
-            return s[:, start:stop].to(dtype)
-
     def row_slices(self, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
         """The tensor in `dtype`, in slices of whole rows of about SLICE_BYTES each."""
         shape = self.shape(name)
@@ -119,20 +116,6 @@ class CheckpointWeights:
         step = max(1, SLICE_BYTES // row_bytes)
         for start in range(0, shape[0], step):
             yield self.rows(name, start, min(start + step, shape[0]), dtype)
-
-    def transposed_slices(self, names: Sequence[str], dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """`cat([W for W in names], 0).T` (a MatMul's `[in, out]` weight from Linear weights `[out, in]`), in slices
-        of whole rows of the result: each slice reads a band of input columns from every source."""
-        inputs = {self.shape(n)[1] for n in names}
-        if len(inputs) != 1:
-            raise CheckpointError(f"{', '.join(names)}: packed weights need one input size, got {sorted(inputs)}")
-        (k,) = inputs
-        n = sum(self.shape(name)[0] for name in names)
-        step = max(1, SLICE_BYTES // (n * 4))
-        for start in range(0, k, step):
-            stop = min(start + step, k)
-            band = torch.cat([self.columns(name, start, stop, dtype) for name in names], 0)
-            yield band.T.contiguous()
 
 
 class ExternalData:
@@ -161,6 +144,37 @@ class ExternalData:
         self.written += length
         if self._progress is not None:
             self._progress(self.written)
+        return self._reference(name, shape, dtype, offset, length)
+
+    def add_transposed(
+        self, name: str, shape: Sequence[int], dtype: np.dtype, row_blocks: Iterable[tuple[int, np.ndarray]]
+    ) -> TensorProto:
+        """Append `[K, N]` as tensor `name` from blocks `(n0, rows)` of its transpose (`rows` `[nb, K]`, rows n0..
+        of the Linear weights `[N, K]`): each block is transposed in memory and written as columns n0..n0+nb of
+        every output row. Reading the checkpoint by rows keeps each read contiguous; a band of columns from
+        safetensors reads the whole tensor (the LM head: +1 GiB resident and 2 minutes in the first version)."""
+        k, n = shape
+        itemsize = np.dtype(dtype).itemsize
+        self._file.write(b"\0" * (-self.written % ALIGNMENT))
+        self._file.flush()
+        offset = self._file.tell()
+        length = k * n * itemsize
+        fd = self._file.fileno()
+        covered = 0
+        for n0, rows in row_blocks:
+            columns = np.ascontiguousarray(rows.T, dtype=dtype)
+            for row in range(k):
+                os.pwrite(fd, columns[row].data, offset + (row * n + n0) * itemsize)
+            covered += rows.shape[0]
+        if covered != n:
+            raise AssertionError(f"{name}: wrote {covered} of {n} columns")
+        self._file.seek(offset + length)
+        self.written = offset + length
+        if self._progress is not None:
+            self._progress(self.written)
+        return self._reference(name, shape, dtype, offset, length)
+
+    def _reference(self, name: str, shape: Sequence[int], dtype: np.dtype, offset: int, length: int) -> TensorProto:
         tensor = TensorProto(name=name, dims=list(shape), data_type=onnx.helper.np_dtype_to_tensor_dtype(dtype))
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
