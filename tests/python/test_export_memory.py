@@ -9,7 +9,7 @@ with it, against a bound of 5.5 GiB.
 
 fp32 because an fp16 export validated on the CPU is over the bound at this depth: ONNX Runtime widens the LM head
 to fp32 (2 GiB) beside the fp16 graph, and the bound's 2 GiB working set cannot hold that and the process's
-libraries (docs/PERFORMANCE.md). About 6 minutes on an idle 2-core machine (the checkpoint takes a minute to
+libraries (docs/PERFORMANCE.md). 3 min 42 s on the shared 2-core machine (the checkpoint takes a minute to
 write), 7.5 GB of disk.
 """
 
