@@ -289,7 +289,7 @@ def export_vision(
     graph = proto.graph
     for values, specs in ((graph.input, spec.inputs), (graph.output, spec.outputs)):
         for value, tensor in zip(values, specs, strict=True):
-            value.type.tensor_type.shape.CopyFrom(onnx.helper.make_tensor_type_proto(1, tensor.shape).shape)
+            value.type.tensor_type.shape.CopyFrom(onnx.helper.make_tensor_type_proto(1, tensor.shape).tensor_type.shape)
     if external_data is None:
         external_data = sum(t.ByteSize() for t in graph.initializer) > EXTERNAL_DATA_THRESHOLD
     if not external_data:
