@@ -155,12 +155,14 @@ def minicpmv_dims(text, settings: mcv.SliceSettings) -> Dims:
     )
 
 
-def vision_model(config: dict[str, Any], weights: CheckpointWeights, dtype: torch.dtype) -> mcv.MiniCPMV:
+def vision_model(checkpoint: Checkpoint, weights: CheckpointWeights, dtype: torch.dtype) -> mcv.MiniCPMV:
     """The model with the tower's and the resampler's weights in `dtype` and the language model on the meta device
     (its graphs and its reference read the checkpoint themselves)."""
     try:
         with torch.device("meta"):
-            model = mcv.MiniCPMV(config)
+            model = mcv.MiniCPMV(checkpoint.config)
+        # The whole layout, language model included, is checked here, before any graph is written.
+        mcv.check_weight_names(checkpoint.path, model, mcv.map_renamed_keys(dict.fromkeys(weights.keys())))
     except mcv.MiniCPMVCheckpointError as err:
         raise CheckpointError(str(err)) from err
     for prefix, module in (("vpm.", model.vpm), ("resampler.", model.resampler)):
@@ -584,7 +586,7 @@ def export_minicpmv(
 
     def vision(spec: GraphSpec) -> list[Path]:
         step("tracing the vision graph (tower + resampler in memory)")
-        return export_vision(vision_model(checkpoint.config, weights, torch_dtype), spec, out, opset, external_data)
+        return export_vision(vision_model(checkpoint, weights, torch_dtype), spec, out, opset, external_data)
 
     int4 = int4_settings(block_size) if quant is not None else None
     files = export_all(
@@ -595,7 +597,7 @@ def export_minicpmv(
     if validate:
         step("validating graphs with onnxruntime against PyTorch (fp32; language model weights loaded as it runs)")
         result.comparisons += validate_vision(
-            graph_files["vision"], vision_model(checkpoint.config, weights, torch.float32), dtype, step
+            graph_files["vision"], vision_model(checkpoint, weights, torch.float32), dtype, step
         )
         result.comparisons += validate_graphs(
             graph_files,

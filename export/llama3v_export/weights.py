@@ -83,6 +83,10 @@ class CheckpointWeights:
             return self.key("model.language_model.embed_tokens.weight")
         raise CheckpointError(f"the checkpoint has no weight for {name} (looked for {', '.join(candidates)})")
 
+    def keys(self) -> list[str]:
+        """The checkpoint's own tensor names."""
+        return list(self._shards)
+
     def __contains__(self, name: str) -> bool:
         try:
             self.key(name)
