@@ -10,13 +10,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import LlavaConfig
+
 from .checkpoint import CheckpointError, checkpoint_model_type, load_checkpoint
 from .fused import FLAVOURS, FusedExportError, check_supported
-from .graphs import dims_from_config, export_all, graph_specs, load_model
+from .graph_export import export_all
+from .graphs import GraphSpec, dims_from_config, graph_specs, load_model
+from .lazy_model import lazy_reference
 from .manifest import build_manifest, write_model_files
-from .quantize import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, quantization_entry, quantize_graph
+from .quantize import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, int4_settings, quantization_entry
 from .reference import write_reference
 from .validate import Comparison, ValidationError, greedy_agreement, validate_graphs, validate_reference
+from .vision_graph import build_vision
+from .weights import CheckpointWeights
 
 DEFAULT_OPSET = 17
 OPSETS = range(14, 21)
@@ -50,9 +56,11 @@ def export_model(
 ) -> ExportResult:
     """Export, validate against PyTorch, optionally write reference cases, then write the manifest.
 
-    `quant="int4"` quantizes the decoder's weights after the fp32 graphs are written and validated (quantize.py);
-    the quantized decoder is then validated with the int4 tolerances (validate.py). `decoder="fused"` builds the
-    decoder from ONNX Runtime's contrib ops (fused.py) instead of tracing it.
+    Weights stream from the checkpoint into each graph (weights.py): the export holds at most one graph's weights
+    and the validation's reference loads each module's weights only while it runs (lazy_model.py). `quant="int4"`
+    quantizes the decoder's weights as they stream, validated with the int4 tolerances (validate.py).
+    `decoder="fused"` builds the decoder from ONNX Runtime's contrib ops (fused.py). `reference=True` runs
+    transformers' `generate`, which needs the whole fp32 model in memory.
 
     Raises CheckpointError for an unusable checkpoint and ValidationError when a graph is out of tolerance (the
     manifest is then not written, so the directory is not loadable).
@@ -64,49 +72,41 @@ def export_model(
 
         options = (dtype, reference, opset, validate, log, external_data, quant, block_size, decoder)
         return export_minicpmv(checkpoint_dir, out, *options)
-    start = time.perf_counter()
-
-    def step(message: str) -> None:
-        log(f"[{time.perf_counter() - start:6.1f} s] {message}")
-
+    step = progress_log(log)
     checkpoint = load_checkpoint(checkpoint_dir)
     step(f"checkpoint {checkpoint.path}: {', '.join(p.name for p in checkpoint.weights)}")
-    out.mkdir(parents=True, exist_ok=True)
-    # Results of an earlier export into the same directory must not outlive it.
-    (out / "manifest.json").unlink(missing_ok=True)
-    if (out / "reference" / "reference.json").is_file():
-        shutil.rmtree(out / "reference")
-    model = load_model(checkpoint.path, dtype)
-    dims = dims_from_config(model.config)
+    clear_results(out)
+    config = LlavaConfig.from_pretrained(checkpoint.path)
+    dims = dims_from_config(config)
     if decoder != "plain":
-        check_supported(model.config.text_config)
+        check_supported(config.text_config)
+    weights = CheckpointWeights(checkpoint.weights, config.text_config.tie_word_embeddings)
     specs = graph_specs(dims, FLOAT_DTYPES[dtype])
     step(
-        f"loaded model ({dtype}): {dims.num_layers} layers, hidden {dims.hidden_size}, {dims.tokens_per_image} "
-        "image tokens"
+        f"model ({dtype}): {dims.num_layers} layers, hidden {dims.hidden_size}, {dims.tokens_per_image} "
+        "image tokens; weights stream from the checkpoint"
     )
-    files = export_all(model, dims, out, FLOAT_DTYPES[dtype], opset, step, external_data, decoder)
+    int4 = int4_settings(block_size) if quant is not None else None
+    float_dtype = FLOAT_DTYPES[dtype]
+
+    def vision(spec: GraphSpec) -> list[Path]:
+        return build_vision(spec, out, float_dtype, opset, config, dims, weights, step, external_data)
+
+    text = config.text_config
+    files = export_all(
+        text, vision, weights, specs, dims.max_context, out, float_dtype, opset, step, external_data, decoder, int4
+    )
     graph_files = {name: paths[0] for name, paths in files.items()}
-    if dtype != "fp32" and (validate or reference):
-        # fp16 graphs are judged against the fp32 model (the error that matters is the one from full precision),
-        # and the reference is fp32 whatever the export dtype.
-        del model
-        model = load_model(checkpoint.path, "fp32")
     result = ExportResult(out, {})
     if validate:
-        step("validating graphs with onnxruntime against PyTorch")
-        result.comparisons += validate_graphs(graph_files, specs, model, dims, dtype, step, decoder=decoder)
-    if quant is not None:
-        for name in quantization_entry(block_size)["graphs"]:
-            step(f"quantizing the {name} graph ({quant}, block size {block_size})")
-            files[name] = quantize_graph(files[name], specs[name], block_size, external_data, step)
-        if validate:
-            step(f"validating the {quant} decoder against PyTorch fp32")
-            result.comparisons += validate_graphs(
-                graph_files, specs, model, dims, dtype, step, quant=quant, graphs=("decoder",), decoder=decoder
-            )
+        step("validating graphs with onnxruntime against PyTorch (fp32, each module's weights loaded as it runs)")
+        reference_model = lazy_reference(config, weights)
+        result.comparisons += validate_graphs(
+            graph_files, specs, reference_model, dims, dtype, step, quant, decoder=decoder
+        )
     if reference:
-        step("computing reference cases with transformers")
+        step("computing reference cases with transformers (the whole fp32 model)")
+        model = load_model(checkpoint.path, "fp32")
         # The reference runs the attention users get by default, not the eager path traced for export.
         model.set_attn_implementation("sdpa")
         result.reference = write_reference(checkpoint, model, out / "reference", step)
@@ -122,6 +122,34 @@ def export_model(
     write_model_files(out, checkpoint, result.manifest)
     step(f"wrote {out / 'manifest.json'}")
     return result
+
+
+def progress_log(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` with each line prefixed by the seconds since this call and the process's memory."""
+    start = time.perf_counter()
+
+    def step(message: str) -> None:
+        log(f"[{time.perf_counter() - start:6.1f} s, {_resident()}] {message}")
+
+    return step
+
+
+def clear_results(out: Path) -> None:
+    """Create `out`; results of an earlier export into it (manifest, reference cases) must not outlive it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    if (out / "reference" / "reference.json").is_file():
+        shutil.rmtree(out / "reference")
+
+
+def _resident() -> str:
+    """This process's resident memory now and at its peak, for progress lines (Linux; empty elsewhere)."""
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    except OSError:
+        return "memory n/a"
+    gib = {k: int(status[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM")}
+    return f"RSS {gib['VmRSS']:.2f} GiB, peak {gib['VmHWM']:.2f} GiB"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,27 +1,16 @@
-"""The three ONNX graphs of a model directory: vision, embed, decoder (see onnx/README.md).
-
-Each graph is a small torch wrapper around the Hugging Face LLaVA model, exported with the TorchScript exporter
-(`dynamo=False`). Tracing records one path through Python control flow, so the dummy inputs are chosen to take the
-general path (non-empty past, more than one new position, batch 2) and the validation stage checks the other
-regimes (empty past on prefill, a single position on decode).
-"""
+"""The graphs' contract (names, dtypes, shapes: onnx/README.md) and the model dims they are built from; the
+graphs themselves are built node by node (vision_graph.py, text_graphs.py, fused.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
-import time
-import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import torch
-from transformers import DynamicCache, LlavaForConditionalGeneration
-from transformers.models.llama import modeling_llama
+from transformers import LlavaForConditionalGeneration
 
-# Weights past this size go to `<graph>.onnx.data` by default. ONNX Runtime copies initializers embedded in the
+# Weights past this size stay in `<graph>.onnx.data` by default. ONNX Runtime copies initializers embedded in the
 # protobuf out of the parsed file at load, so an embedded graph briefly needs its weights twice (the mid preset:
 # 980 MiB peak against 711 MiB external); external data is read straight into place. Protobuf also cannot hold
 # a message over 2 GiB at all. Small graphs stay one self-contained file.
@@ -58,10 +47,6 @@ class GraphSpec:
     @property
     def file(self) -> str:
         return f"{self.name}.onnx"
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        tensors = self.inputs + self.outputs
-        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in tensors}
 
 
 @dataclass(frozen=True)
@@ -144,111 +129,6 @@ def graph_specs(dims: Dims, float_dtype: str) -> dict[str, GraphSpec]:
     return {"vision": vision, "embed": embed, "decoder": decoder}
 
 
-class VisionGraph(torch.nn.Module):
-    """pixel_values -> image_features: SigLIP hidden state `vision_feature_layer`, all patches, LLaVA projector.
-
-    This is `LlavaModel.get_image_features` for an int layer and strategy `full`, minus its final split into a
-    per-image list (tracing would fix the batch size at the list's length). Validation compares against
-    `get_image_features` itself.
-    """
-
-    def __init__(self, model: LlavaForConditionalGeneration, feature_layer: int):
-        super().__init__()
-        self.vision_tower = model.model.vision_tower
-        self.projector = model.model.multi_modal_projector
-        self.feature_layer = feature_layer
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        return self.projector(outputs.hidden_states[self.feature_layer])
-
-
-class EmbedGraph(torch.nn.Module):
-    """input_ids -> inputs_embeds: the language model's token embedding table."""
-
-    def __init__(self, model: LlavaForConditionalGeneration):
-        super().__init__()
-        self.embed_tokens = model.get_input_embeddings()
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
-
-
-class DecoderGraph(torch.nn.Module):
-    """Llama decoder step with an explicit KV cache passed as flat tensors.
-
-    The flat past is rebuilt into a `DynamicCache`; the model appends the new keys/values to it, and the grown
-    per-layer tensors are returned as the present.
-    """
-
-    def __init__(self, model: LlavaForConditionalGeneration, num_layers: int):
-        super().__init__()
-        self.model = model
-        self.num_layers = num_layers
-
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        *past: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
-        outputs = self.model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            return_dict=True,
-            # Only the last position's logits are ever sampled from: the LM head over every prompt position
-            # would dominate prefill and its [S, vocab] output the memory peak.
-            logits_to_keep=1,
-        )
-        present = [t for layer in outputs.cache.layers for t in (layer.keys, layer.values)]
-        return (outputs.logits, *present)
-
-
-def grouped_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Llama's eager attention without `repeat_kv`: the query heads are grouped by the KV head they share and
-    the two MatMuls broadcast over the group axis, so the graph never copies the KV cache once per query head.
-
-    Same arithmetic as `eager_attention_forward` (query head h reads KV head h // group, scores in the input
-    dtype, softmax in float32); in the `mid` decoder it removes 16 Expand nodes and their copies, 12 % of a
-    decode step's kernel time at 2014 tokens of context (docs/PERFORMANCE.md, run 5). Standard ops only:
-    MatMul with broadcast batch dimensions.
-    """
-    batch, heads, seq, head_dim = query.shape
-    kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, seq, head_dim)
-    scores = torch.matmul(grouped, key.unsqueeze(2).transpose(3, 4)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask.unsqueeze(2)
-    probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs, value.unsqueeze(2)).reshape(batch, heads, seq, head_dim)
-    return out.transpose(1, 2).contiguous(), None
-
-
-@contextlib.contextmanager
-def grouped_kv_attention() -> Iterator[None]:
-    """Llama's eager attention traced as `grouped_attention_forward` inside the block (the decoder's export
-    only: validation afterwards runs the unmodified model)."""
-    original = modeling_llama.eager_attention_forward
-    modeling_llama.eager_attention_forward = grouped_attention_forward
-    try:
-        yield
-    finally:
-        modeling_llama.eager_attention_forward = original
-
-
-def wrappers(model: LlavaForConditionalGeneration, dims: Dims) -> dict[str, torch.nn.Module]:
-    return {
-        "vision": VisionGraph(model, dims.vision_feature_layer).eval(),
-        "embed": EmbedGraph(model).eval(),
-        "decoder": DecoderGraph(model, dims.num_layers).eval(),
-    }
-
-
 def dummy_inputs(spec: GraphSpec, sizes: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
     """Random inputs for `spec`, symbolic dims resolved from `sizes`; attention mask all ones, positions after
     the past, token ids below the text vocabulary."""
@@ -267,118 +147,6 @@ def dummy_inputs(spec: GraphSpec, sizes: dict[str, int], seed: int = 0) -> dict[
         else:
             tensors[t.name] = torch.randn(shape, generator=generator).to(TORCH_DTYPES[t.dtype])
     return tensors
-
-
-# Shapes traced through: every symbolic dim > 1 and distinct, so that no size is specialised to 0 or 1 or
-# confused with another.
-TRACE_SIZES = {"batch": 2, "sequence": 3, "past_sequence": 4}
-
-
-def export_graph(
-    module: torch.nn.Module,
-    spec: GraphSpec,
-    out_dir: Path,
-    dims: Dims,
-    opset: int,
-    external_data: bool | None = None,
-) -> list[Path]:
-    """Export one graph into `out_dir`; returns the files written (graph, then external data if any).
-
-    `external_data=None` decides by size: external data when the weights pass EXTERNAL_DATA_THRESHOLD.
-    """
-    inputs = dummy_inputs(spec, {**TRACE_SIZES, "vocab": dims.vocab_size})
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        tmp_file = Path(tmp) / spec.file
-        with torch.no_grad(), warnings.catch_warnings():
-            # The tracer warns about every Python bool/int it records as a constant; the validation stage
-            # checks the regimes those constants could break.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                tuple(inputs.values()),
-                str(tmp_file),
-                input_names=[t.name for t in spec.inputs],
-                output_names=[t.name for t in spec.outputs],
-                dynamic_axes=spec.dynamic_axes(),
-                opset_version=opset,
-                dynamo=False,
-                do_constant_folding=True,
-            )
-        return _save(tmp_file, out_dir / spec.file, spec, external_data)
-
-
-def write_graph(proto: onnx.ModelProto, dst: Path, spec: GraphSpec, external_data: bool | None) -> list[Path]:
-    """Write a graph built or rewritten in memory to `dst` by the same rules as an exported one (`_save`).
-
-    The graph goes through a temporary copy with external data (an 8B decoder is over protobuf's 2 GiB even
-    in int4); `proto` is cleared once that copy is written, so its weights are not held twice while `_save`
-    reads them back."""
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        tmp_file = Path(tmp) / dst.name
-        onnx.save_model(
-            proto,
-            str(tmp_file),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=tmp_file.name + ".data",
-            size_threshold=1024,
-        )
-        proto.Clear()
-        return _save(tmp_file, dst, spec, external_data)
-
-
-def _save(src: Path, dst: Path, spec: GraphSpec, external_data: bool | None) -> list[Path]:
-    """Write an exported graph into place with the contract's I/O shapes, gathering all weights into one
-    `<graph>.onnx.data` when external.
-
-    The TorchScript exporter writes one file per tensor once a graph passes 2 GiB; one data file is easier to
-    ship and checksum.
-    """
-    model = onnx.load(str(src), load_external_data=True)
-    _declare_shapes(model.graph, spec)
-    weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
-    if external_data is None:
-        external_data = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    for stale in (dst, dst.with_name(dst.name + ".data")):
-        stale.unlink(missing_ok=True)
-    if not external_data:
-        onnx.save_model(model, str(dst))
-        onnx.checker.check_model(str(dst))
-        return [dst]
-    data = dst.with_name(dst.name + ".data")
-    # Tensors under 1 KiB (axes, split sizes, scalars) stay in the graph: ONNX Runtime's shape inference reads
-    # them when it loads the graph, and cannot from external data.
-    onnx.save_model(
-        model,
-        str(dst),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
-    # onnx creates the data file readable by its owner only; a server running as another user must read it as it
-    # reads the graph.
-    data.chmod(dst.stat().st_mode & 0o777)
-    onnx.checker.check_model(str(dst))
-    return [dst, data]
-
-
-def _declare_shapes(graph: onnx.GraphProto, spec: GraphSpec) -> None:
-    """Write the spec's shapes on the graph's inputs and outputs.
-
-    The exporter's shape inference loses some static dims (the vision graph's patch count comes out symbolic);
-    the declared shape is what tools and the runtime read, and validation checks the real output shapes.
-    """
-    for values, tensors in ((graph.input, spec.inputs), (graph.output, spec.outputs)):
-        for value, tensor in zip(values, tensors, strict=True):
-            dims = value.type.tensor_type.shape.dim
-            del dims[:]
-            for d in tensor.shape:
-                dim = dims.add()
-                if isinstance(d, str):
-                    dim.dim_param = d
-                else:
-                    dim.dim_value = d
 
 
 def check_io(path: Path, spec: GraphSpec) -> None:
@@ -406,37 +174,3 @@ def load_model(checkpoint: Path, dtype: str) -> LlavaForConditionalGeneration:
         checkpoint, dtype=torch_dtype, attn_implementation="eager", use_safetensors=True
     )
     return model.eval()
-
-
-def export_all(
-    model: LlavaForConditionalGeneration,
-    dims: Dims,
-    out_dir: Path,
-    float_dtype: str,
-    opset: int,
-    log: Callable[[str], None] = print,
-    external_data: bool | None = None,
-    decoder: str = "plain",
-) -> dict[str, list[Path]]:
-    """Export vision, embed and decoder into `out_dir`; returns each graph's files. `decoder` is the decoder's
-    flavour: `plain` (traced) or `fused` (built with ONNX Runtime's contrib ops, fused.py)."""
-    from .fused import export_fused_decoder  # fused.py builds on this module's specs and writer
-
-    specs = graph_specs(dims, float_dtype)
-    files: dict[str, list[Path]] = {}
-    for name, module in wrappers(model, dims).items():
-        start = time.perf_counter()
-        log(f"exporting {name} graph{' (fused)' if name == 'decoder' and decoder == 'fused' else ''} ...")
-        if name == "decoder" and decoder == "fused":
-            files[name] = export_fused_decoder(
-                model, specs[name], out_dir, float_dtype, opset, dims.max_context, external_data
-            )
-        else:
-            attention = grouped_kv_attention() if name == "decoder" else contextlib.nullcontext()
-            with attention:
-                files[name] = export_graph(module, specs[name], out_dir, dims, opset, external_data)
-        check_io(files[name][0], specs[name])
-        size = sum(p.stat().st_size for p in files[name]) / 2**20
-        names = ", ".join(p.name for p in files[name])
-        log(f"exported {name} graph: {names} ({size:.1f} MiB) in {time.perf_counter() - start:.1f} s")
-    return files

@@ -222,6 +222,17 @@ def map_renamed_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return mapped
 
 
+def check_weight_names(path: Path, model: MiniCPMV, names) -> None:
+    """The checkpoint's weight names (after `map_renamed_keys`) must be exactly the model's parameters."""
+    expected, names = set(model.state_dict()), set(names)
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    if missing or unexpected:
+        raise MiniCPMVCheckpointError(
+            f"{path}: weights do not match the MiniCPM-Llama3-V 2.5 layout: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+
+
 def load_minicpmv(path: Path, weights: tuple[Path, ...], dtype: torch.dtype = torch.float32) -> MiniCPMV:
     """The checkpoint as a CPU model in eval mode with eager attention (the path the graphs are traced on)."""
     config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
@@ -230,13 +241,7 @@ def load_minicpmv(path: Path, weights: tuple[Path, ...], dtype: torch.dtype = to
     for file in weights:
         state.update(load_file(str(file)))
     state = map_renamed_keys(state)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise MiniCPMVCheckpointError(
-            f"{path}: weights do not match the MiniCPM-Llama3-V 2.5 layout: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-        )
+    check_weight_names(path, model, state)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     model.set_attn_implementation("eager")
     return model.eval()

@@ -9,20 +9,22 @@ The graph lays each slice out as 2.5's `[3, patch, n * patch]` strip, gives patc
 bucket of a 1 x n strip (the boundaries are transformers' own float32 table, so the buckets are bit-equal), runs
 the Idefics2 tower and the resampler with the sin-cos table of the slice's `h x w` patches computed in the graph.
 The runtime slices, resizes and normalizes, and runs the overview and the grid (all one size) as separate batches.
-The embed and decoder graphs are the LLaVA layout's, from the same Llama wrappers and writers (plain, fused, int4).
+
+The embed and decoder graphs are the LLaVA layout's, built by the same streaming builders (text_graphs.py, fused.py;
+plain, fused, int4) from the `llm.*` weights, read through this layout's key table (`KEY_PREFIXES`, the llama3v
+release's renamed prefixes included) and validated against the same lazy reference (lazy_model.py). The vision
+graph is still traced from PyTorch (tower and resampler in memory in the export dtype, then written as one graph):
+onnx/README.md, "The MiniCPM-V layout".
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -38,20 +40,11 @@ from transformers import PreTrainedTokenizerFast
 from . import __version__
 from . import minicpmv as mcv
 from .checkpoint import Checkpoint, CheckpointError, _read_json, _require, find_chat_template, find_weights
-from .cli import FLOAT_DTYPES, ExportResult
-from .fused import check_supported, export_fused_decoder
-from .graphs import (
-    DecoderGraph,
-    Dims,
-    EmbedGraph,
-    GraphSpec,
-    TensorSpec,
-    check_io,
-    export_graph,
-    graph_specs,
-    grouped_kv_attention,
-    write_graph,
-)
+from .cli import FLOAT_DTYPES, ExportResult, clear_results, progress_log
+from .fused import check_supported
+from .graph_export import export_all
+from .graphs import EXTERNAL_DATA_THRESHOLD, Dims, GraphSpec, TensorSpec, graph_specs
+from .lazy_model import lazy_language_model
 from .manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -62,19 +55,21 @@ from .manifest import (
     text_settings,
     write_model_files,
 )
-from .quantize import quantization_entry, quantize_graph
+from .quantize import int4_settings, quantization_entry
 from .reference import STEPS, Case, greedy_config
-from .validate import (
-    Comparison,
-    _bound_run,
-    _zeroed_buffers,
-    compare,
-    raise_on_failure,
-    session,
-    validate_graphs,
-)
+from .text_graphs import LANGUAGE
+from .validate import Comparison, compare, decode_steps, raise_on_failure, session, validate_graphs
+from .weights import CheckpointWeights
 
 LAYOUT = "minicpmv"
+
+# Module names (the LLaVA model's, as the graph builders and the lazy reference ask for weights; `vpm.` and
+# `resampler.` for the vision side) -> checkpoint key prefixes: 2.5's names, then the llama3v release's.
+KEY_PREFIXES = (
+    (f"{LANGUAGE}.", ("llm.model.",)),
+    ("lm_head.", ("llm.lm_head.",)),
+    *((new, (new, old)) for old, new in mcv.RENAMED_PREFIXES.items()),
+)
 
 # The reference cases: one photograph that needs slicing, two of other aspect ratios, text only.
 CASES = (
@@ -142,10 +137,9 @@ def load_minicpmv_checkpoint(path: Path) -> Checkpoint:
     )
 
 
-def dims_of(model: mcv.MiniCPMV) -> Dims:
-    text = model.llm.config
+def minicpmv_dims(text, settings: mcv.SliceSettings) -> Dims:
+    """Dims of the Llama config `text` (2.5's config itself); the image size and patch are the nominal slice's."""
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    settings = model.settings
     return Dims(
         num_layers=text.num_hidden_layers,
         num_attention_heads=text.num_attention_heads,
@@ -159,6 +153,23 @@ def dims_of(model: mcv.MiniCPMV) -> Dims:
         patch_size=settings.patch_size,
         vision_feature_layer=-1,
     )
+
+
+def vision_model(checkpoint: Checkpoint, weights: CheckpointWeights, dtype: torch.dtype) -> mcv.MiniCPMV:
+    """The model with the tower's and the resampler's weights in `dtype` and the language model on the meta device
+    (its graphs and its reference read the checkpoint themselves)."""
+    try:
+        with torch.device("meta"):
+            model = mcv.MiniCPMV(checkpoint.config)
+        # The whole layout, language model included, is checked here, before any graph is written.
+        mcv.check_weight_names(checkpoint.path, model, mcv.map_renamed_keys(dict.fromkeys(weights.keys())))
+    except mcv.MiniCPMVCheckpointError as err:
+        raise CheckpointError(str(err)) from err
+    for prefix, module in (("vpm.", model.vpm), ("resampler.", model.resampler)):
+        state = {name: weights.tensor(prefix + name, dtype) for name in module.state_dict()}
+        module.load_state_dict(state, assign=True)
+    model.vpm.set_attn_implementation("eager")
+    return model.eval()
 
 
 def minicpmv_specs(dims: Dims, query_num: int, float_dtype: str) -> dict[str, GraphSpec]:
@@ -240,26 +251,26 @@ class MiniCPMVisionGraph(torch.nn.Module):
         return r.ln_post(out) @ r.proj
 
 
-def _llava_shaped(model: mcv.MiniCPMV) -> SimpleNamespace:
-    """The attributes the fused decoder builder reads from a LLaVA model, pointing into the `llm`."""
-    llm = model.llm
-    return SimpleNamespace(
-        model=SimpleNamespace(language_model=llm.model),
-        config=SimpleNamespace(text_config=llm.config),
-        lm_head=llm.lm_head,
-    )
-
-
 # Slice sizes the vision graph is traced on: batch 2 of 3 x 5 patches (every dim distinct and above 1).
 TRACE_PATCHES = (2, 3, 5)
 
 
-def export_vision(model: mcv.MiniCPMV, spec: GraphSpec, out_dir: Path, opset: int, external_data) -> list[Path]:
+def export_vision(
+    model: mcv.MiniCPMV, spec: GraphSpec, out_dir: Path, opset: int, external_data: bool | None
+) -> list[Path]:
+    """Trace the vision graph from `model` (tower and resampler in the export dtype) and write it by the streamed
+    graphs' rule: one `<graph>.onnx.data` when its weights pass EXTERNAL_DATA_THRESHOLD (or `external_data`)."""
     batch, rows, columns = TRACE_PATCHES
     p = model.settings.patch_size
-    dtype = next(model.parameters()).dtype
+    dtype = next(model.vpm.parameters()).dtype
     pixels = torch.rand(batch, 3, rows * p, columns * p, generator=torch.Generator().manual_seed(0)).to(dtype)
     module = MiniCPMVisionGraph(model).eval()
+    tensors = spec.inputs + spec.outputs
+    dynamic_axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in tensors}
+    dst = out_dir / spec.file
+    data = dst.with_name(dst.name + ".data")
+    for stale in (dst, data):
+        stale.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         tmp_file = Path(tmp) / spec.file
         with torch.no_grad(), warnings.catch_warnings():
@@ -270,41 +281,28 @@ def export_vision(model: mcv.MiniCPMV, spec: GraphSpec, out_dir: Path, opset: in
                 str(tmp_file),
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
-                dynamic_axes=spec.dynamic_axes(),
+                dynamic_axes=dynamic_axes,
                 opset_version=opset,
                 dynamo=False,
                 do_constant_folding=True,
             )
         proto = onnx.load(str(tmp_file), load_external_data=True)
-        return write_graph(proto, out_dir / spec.file, spec, external_data)
-
-
-def export_graphs(
-    model: mcv.MiniCPMV, dims: Dims, specs, out: Path, float_dtype: str, opset: int, step, external_data, decoder: str
-) -> dict[str, list[Path]]:
-    files = {}
-    for name in ("vision", "embed", "decoder"):
-        start = time.perf_counter()
-        step(f"exporting {name} graph{' (fused)' if name == 'decoder' and decoder == 'fused' else ''} ...")
-        if name == "vision":
-            files[name] = export_vision(model, specs[name], out, opset, external_data)
-        elif name == "embed":
-            files[name] = export_graph(EmbedGraph(model.llm).eval(), specs[name], out, dims, opset, external_data)
-        elif decoder == "fused":
-            files[name] = export_fused_decoder(
-                _llava_shaped(model), specs[name], out, float_dtype, opset, dims.max_context, external_data
-            )
-        else:
-            with grouped_kv_attention():
-                module = DecoderGraph(model.llm, dims.num_layers).eval()
-                files[name] = export_graph(module, specs[name], out, dims, opset, external_data)
-        check_io(files[name][0], specs[name])
-        size = sum(p.stat().st_size for p in files[name]) / 2**20
-        step(
-            f"exported {name} graph: {', '.join(p.name for p in files[name])} ({size:.1f} MiB) in "
-            f"{time.perf_counter() - start:.1f} s"
-        )
-    return files
+    # The tracer's shape inference loses static dims; the contract's shapes are what the runtime reads.
+    graph = proto.graph
+    for values, specs in ((graph.input, spec.inputs), (graph.output, spec.outputs)):
+        for value, tensor in zip(values, specs, strict=True):
+            value.type.tensor_type.shape.CopyFrom(onnx.helper.make_tensor_type_proto(1, tensor.shape).tensor_type.shape)
+    if external_data is None:
+        external_data = sum(t.ByteSize() for t in graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    if not external_data:
+        onnx.save_model(proto, str(dst))
+    else:
+        # Tensors under 1 KiB stay in the graph (ONNX Runtime's shape inference reads them at load), as builder.py.
+        onnx.save_model(proto, str(dst), save_as_external_data=True, location=data.name, size_threshold=1024)
+        # onnx writes the data file readable by its owner only; a server running as another user must read it.
+        data.chmod(dst.stat().st_mode & 0o777)
+    onnx.checker.check_model(str(dst))
+    return [dst, data] if external_data else [dst]
 
 
 # (label, slices as (count, rows, columns) patch grids): one size alone, two sizes padded together by the
@@ -459,8 +457,8 @@ def validate_reference(
             features = slice_features(sessions["vision"], slices, float_type)
             results["image_features"] = (features, tensors["image_features"])
             embeds[input_ids == placeholder_id] = features.reshape(-1, dims.hidden_size)
-        logits = _decode(
-            sessions, specs["decoder"], dims, float_type, embeds, case["greedy_tokens"], decoder != "plain"
+        logits = decode_steps(
+            sessions, specs["decoder"], dims, float_type, embeds, case["greedy_tokens"], shared=decoder != "plain"
         )
         results["step_logits"] = (logits, tensors["step_logits"])
         for output, (got, want) in results.items():
@@ -479,31 +477,6 @@ def validate_reference(
                 comparisons.append(Comparison(f"{result.label} greedy tokens", float("inf"), result.tolerance))
     raise_on_failure(comparisons)
     return comparisons
-
-
-def _decode(sessions, spec: GraphSpec, dims: Dims, float_type, embeds, tokens: list[int], shared: bool) -> np.ndarray:
-    """Step logits of the prompt `embeds` then each of `tokens` but the last fed back (teacher forcing)."""
-    past_names = [t.name for t in spec.inputs[3:]]
-    past = [np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), float_type) for _ in past_names]
-    buffers = _zeroed_buffers(spec, dims, embeds.shape[1] + len(tokens), float_type) if shared else None
-    step_logits, position = [], 0
-    for step, token in enumerate(tokens):
-        length = embeds.shape[1]
-        if buffers is not None:
-            logits = _bound_run(sessions["decoder"], spec, buffers, embeds, position)
-        else:
-            feed = {
-                "inputs_embeds": embeds,
-                "attention_mask": np.ones((1, position + length), np.int64),
-                "position_ids": np.arange(position, position + length, dtype=np.int64)[None],
-                **dict(zip(past_names, past, strict=True)),
-            }
-            logits, *past = sessions["decoder"].run(None, feed)
-        step_logits.append(logits[0, -1])
-        position += length
-        if step + 1 < len(tokens):
-            embeds = sessions["embed"].run(None, {"input_ids": np.array([[token]], np.int64)})[0]
-    return np.stack(step_logits)
 
 
 # --- Manifest ----------------------------------------------------------------------------------------------------
@@ -528,8 +501,7 @@ def layout_settings(checkpoint: Checkpoint, settings: mcv.SliceSettings) -> dict
     }
 
 
-def build_manifest(checkpoint, model, dims, specs, files, dtype, opset, quantization, decoder) -> dict[str, Any]:
-    settings = model.settings
+def build_manifest(checkpoint, settings, dims, specs, files, dtype, opset, quantization, decoder) -> dict[str, Any]:
     pixel = checkpoint.image_settings
     generation = checkpoint.generation_config
     placeholder_id = special_ids(checkpoint.tokenizer_file)["placeholder"]
@@ -588,58 +560,66 @@ def export_minicpmv(
     block_size: int,
     decoder: str,
 ) -> ExportResult:
-    """`cli.export_model` for the MiniCPM-V layout: same steps, same guarantees (nothing loadable unless valid)."""
-    start = time.perf_counter()
+    """`cli.export_model` for the MiniCPM-V layout: same steps, same guarantees (nothing loadable unless valid).
 
-    def step(message: str) -> None:
-        log(f"[{time.perf_counter() - start:6.1f} s] {message}")
-
+    The embed and decoder graphs stream from the checkpoint as the LLaVA layout's do (int4 quantized as they
+    stream) and are validated against the lazy fp32 Llama; the vision graph is traced from the tower and
+    resampler alone (the language model is never loaded for it) and validated against them in fp32."""
+    step = progress_log(log)
     checkpoint = load_minicpmv_checkpoint(checkpoint_dir)
     step(f"checkpoint {checkpoint.path} (MiniCPM-Llama3-V 2.5 layout): {', '.join(p.name for p in checkpoint.weights)}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)
-    if (out / "reference" / "reference.json").is_file():
-        shutil.rmtree(out / "reference")
-    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
-    try:
-        model = mcv.load_minicpmv(checkpoint.path, checkpoint.weights, torch_dtype)
-    except mcv.MiniCPMVCheckpointError as err:
-        raise CheckpointError(str(err)) from err
-    dims = dims_of(model)
+    clear_results(out)
+    text = mcv.text_config(checkpoint.config)
+    settings = mcv.SliceSettings.from_config(checkpoint.config)
+    dims = minicpmv_dims(text, settings)
     if decoder != "plain":
-        check_supported(model.llm.config)
-    specs = minicpmv_specs(dims, model.settings.query_num, FLOAT_DTYPES[dtype])
-    s = model.settings
+        check_supported(text)
+    weights = CheckpointWeights(checkpoint.weights, text.tie_word_embeddings, KEY_PREFIXES)
+    float_dtype = FLOAT_DTYPES[dtype]
+    specs = minicpmv_specs(dims, settings.query_num, float_dtype)
     step(
-        f"loaded model ({dtype}): {dims.num_layers} layers, hidden {dims.hidden_size}, {s.query_num} queries per "
-        f"slice, up to {s.max_slice_nums} slices of ~{s.scale_resolution} px, patch {s.patch_size}"
+        f"model ({dtype}): {dims.num_layers} layers, hidden {dims.hidden_size}, {settings.query_num} queries per "
+        f"slice, up to {settings.max_slice_nums} slices of ~{settings.scale_resolution} px, patch "
+        f"{settings.patch_size}; text weights stream from the checkpoint"
     )
-    files = export_graphs(model, dims, specs, out, FLOAT_DTYPES[dtype], opset, step, external_data, decoder)
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+
+    def vision(spec: GraphSpec) -> list[Path]:
+        step("tracing the vision graph (tower + resampler in memory)")
+        return export_vision(vision_model(checkpoint, weights, torch_dtype), spec, out, opset, external_data)
+
+    int4 = int4_settings(block_size) if quant is not None else None
+    files = export_all(
+        text, vision, weights, specs, dims.max_context, out, float_dtype, opset, step, external_data, decoder, int4
+    )
     graph_files = {name: paths[0] for name, paths in files.items()}
-    if dtype != "fp32" and (validate or reference):
-        del model
-        model = mcv.load_minicpmv(checkpoint.path, checkpoint.weights, torch.float32)
     result = ExportResult(out, {})
     if validate:
-        step("validating graphs with onnxruntime against PyTorch")
-        result.comparisons += validate_vision(graph_files["vision"], model, dtype, step)
+        step("validating graphs with onnxruntime against PyTorch (fp32; language model weights loaded as it runs)")
+        result.comparisons += validate_vision(
+            graph_files["vision"], vision_model(checkpoint, weights, torch.float32), dtype, step
+        )
         result.comparisons += validate_graphs(
-            graph_files, specs, model.llm, dims, dtype, step, graphs=("embed", "decoder"), decoder=decoder
+            graph_files,
+            specs,
+            lazy_language_model(text, weights),
+            dims,
+            dtype,
+            step,
+            quant=quant,
+            graphs=("embed", "decoder"),
+            decoder=decoder,
         )
         raise_on_failure(result.comparisons)
-    if quant is not None:
-        for name in quantization_entry(block_size)["graphs"]:
-            step(f"quantizing the {name} graph ({quant}, block size {block_size})")
-            files[name] = quantize_graph(files[name], specs[name], block_size, external_data, step)
-        if validate:
-            step(f"validating the {quant} decoder against PyTorch fp32")
-            result.comparisons += validate_graphs(
-                graph_files, specs, model.llm, dims, dtype, step, quant=quant, graphs=("decoder",), decoder=decoder
-            )
     if reference:
-        step("computing reference cases with PyTorch")
+        step("computing reference cases with PyTorch (the whole fp32 model)")
+        try:
+            model = mcv.load_minicpmv(checkpoint.path, checkpoint.weights, torch.float32)
+        except mcv.MiniCPMVCheckpointError as err:
+            raise CheckpointError(str(err)) from err
         model.set_attn_implementation("sdpa")
         result.reference = write_reference(checkpoint, model, out / "reference", step)
+        del model
         if validate:
             step("running the reference cases through the exported graphs")
             placeholder = special_ids(checkpoint.tokenizer_file)["placeholder"]
@@ -647,7 +627,7 @@ def export_minicpmv(
                 out / "reference", graph_files, specs, dims, dtype, placeholder, step, quant=quant, decoder=decoder
             )
     quantization = quantization_entry(block_size) if quant is not None else None
-    result.manifest = build_manifest(checkpoint, model, dims, specs, files, dtype, opset, quantization, decoder)
+    result.manifest = build_manifest(checkpoint, settings, dims, specs, files, dtype, opset, quantization, decoder)
     write_model_files(out, checkpoint, result.manifest)
     step(f"wrote {out / 'manifest.json'}")
     return result

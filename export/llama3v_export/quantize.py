@@ -1,6 +1,8 @@
-"""Weight-only int4 quantization of the decoder graph with ONNX Runtime's own quantizer (MatMulNBits).
+"""Weight-only int4 quantization of the decoder graph (MatMulNBits), with ONNX Runtime's own quantizer routine.
 
-Every MatMul of the decoder whose weight is a constant (the layers' q/k/v/o and gate/up/down projections and the
+The decoder builder (builder.py) quantizes each weight as it streams from the checkpoint, slice by slice, with the
+routine `MatMulNBitsQuantizer` runs per MatMul (so the packing is the one it writes; test_quant checks that). Every
+MatMul of the decoder whose weight is a constant (the layers' q/k/v/o and gate/up/down projections and the
 LM head) becomes a `com.microsoft::MatMulNBits` node with 4-bit weights in blocks of `block_size` along the input
 dimension, one fp32 scale per block. The attention MatMuls (activations on both sides) stay float, and so do the
 vision and embedding graphs: the vision tower runs once per image and the embedding table is a gather, neither
@@ -14,14 +16,7 @@ dot products (onnxruntime-genai's CPU default); the validation measures the erro
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from pathlib import Path
-
-import onnx
-from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-from .graphs import GraphSpec, write_graph
+from .builder import Int4
 
 DEFAULT_BLOCK_SIZE = 32
 # MatMulNBits accepts power-of-two blocks from 16 (the kernels' smallest) up.
@@ -43,32 +38,7 @@ def quantization_entry(block_size: int) -> dict:
     }
 
 
-def quantize_graph(
-    files: list[Path], spec: GraphSpec, block_size: int, external_data: bool | None, log: Callable[[str], None]
-) -> list[Path]:
-    """Quantize one exported graph in place; returns its files (graph, then external data if any), written with
-    the same external-data rule as the float export (graphs.EXTERNAL_DATA_THRESHOLD when `external_data` is None).
-    """
+def int4_settings(block_size: int) -> Int4:
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block size {block_size} is not one of {BLOCK_SIZES}")
-    graph = files[0]
-    model = onnx.load(str(graph), load_external_data=True)
-    float_matmuls = sum(n.op_type == "MatMul" for n in model.graph.node)
-    # The quantizer logs every node it visits at INFO.
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=4, block_size=block_size, is_symmetric=SYMMETRIC, accuracy_level=ACCURACY_LEVEL
-    )
-    quantizer.process()
-    quantized = quantizer.model.model
-    nbits = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
-    if nbits == 0:
-        raise ValueError(f"{graph.name}: no MatMul with a constant weight to quantize")
-    del model, quantizer
-    written = write_graph(quantized, graph, spec, external_data)
-    size = sum(p.stat().st_size for p in written) / 2**20
-    log(
-        f"quantized {graph.name}: {nbits} of {float_matmuls} MatMuls -> MatMulNBits (int4, block {block_size}, "
-        f"symmetric, accuracy level {ACCURACY_LEVEL}), {size:.1f} MiB"
-    )
-    return written
+    return Int4(block_size, SYMMETRIC, ACCURACY_LEVEL)

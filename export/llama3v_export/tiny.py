@@ -242,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     from .minicpmv_tiny import MINICPMV_PRESETS, make_minicpmv_checkpoint
 
     parser = argparse.ArgumentParser(prog="llama3v-tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", required=True, choices=sorted([*PRESETS, *MINICPMV_PRESETS]))
+    from . import real_shapes  # builds on this module's config and processor
+
+    parser.add_argument(
+        "--preset", required=True, choices=sorted([*PRESETS, *MINICPMV_PRESETS, real_shapes.REAL_SHAPES_PRESET])
+    )
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -250,7 +254,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="MiniCPM-V presets: name the weights as the llama3v release does (vison.*, projection.*)",
     )
+    parser.add_argument(
+        "--decoder-layers",
+        type=int,
+        default=real_shapes.DEFAULT_DECODER_LAYERS,
+        help=f"real-shapes only: Llama-3-8B layers (default {real_shapes.DEFAULT_DECODER_LAYERS}, the real model 32)",
+    )
+    parser.add_argument(
+        "--vision-layers",
+        type=int,
+        default=real_shapes.DEFAULT_VISION_LAYERS,
+        help=f"real-shapes only: SigLIP-so400m layers (default {real_shapes.DEFAULT_VISION_LAYERS}, the real model 27)",
+    )
     args = parser.parse_args(argv)
+    if args.preset == real_shapes.REAL_SHAPES_PRESET:
+        real_shapes.write_real_shapes_checkpoint(args.out, args.decoder_layers, args.vision_layers, args.seed)
+        print(
+            f"wrote {args.preset} checkpoint ({args.decoder_layers} decoder, {args.vision_layers} vision layers, "
+            f"seed {args.seed}) to {args.out}"
+        )
+        return 0
     if args.preset in MINICPMV_PRESETS:
         make_minicpmv_checkpoint(args.preset, args.out, args.seed, renamed=args.llama3v_names)
     else:

@@ -27,6 +27,7 @@ from safetensors.numpy import load_file
 from transformers import DynamicCache, GenerationConfig, LlavaForConditionalGeneration
 
 from .graphs import Dims, GraphSpec, dummy_inputs
+from .quantize import QUANTIZED_GRAPHS
 
 FP32_ABS_TOLERANCE = 1e-4
 FP16_REL_TOLERANCE = 1e-2
@@ -107,9 +108,26 @@ def compare(
     return Comparison(label, diff, FP16_REL_TOLERANCE, relative=relative, top1=top1)
 
 
-def session(path: Path) -> ort.InferenceSession:
+def session(path: Path, lean_dtype: str | None = None) -> ort.InferenceSession:
+    """A CPU session; `lean_dtype` (the graph's float dtype) holds its weights once, as the export's memory bound
+    needs (docs/PERFORMANCE.md, "Export memory").
+
+    Lean: no prepacking of float MatMul weights (ONNX Runtime would keep a packed copy of each beside the one it
+    read, 2x the weights while loading), and for fp16 no graph optimizations, no arena and priority-based node
+    order: the CPU has no fp16 MatMul, so ONNX Runtime casts each fp16 weight to fp32; optimized, constant folding
+    keeps every cast result (2x the weights in fp32 beside the fp16 ones); unoptimized in the default order, every
+    cast (its input is an initializer, so it is ready first) runs before the first MatMul and all results are alive
+    at once; in priority order each runs just before its MatMul and is freed after it (six 128 MiB fp16 MatMuls
+    in a chain: 2.32 GiB peak against 1.19 GiB). The kernels and their arithmetic are the same; int4 graphs keep
+    prepacking (MatMulNBits packs into the layout its int8-activation kernel runs on)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if lean_dtype is not None:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        if lean_dtype == "fp16":
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            options.enable_cpu_mem_arena = False
+            options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -191,40 +209,50 @@ def validate_graphs(
     decoder: str = "plain",
 ) -> list[Comparison]:
     """Run every case of `graphs` through onnxruntime and the fp32 PyTorch model; raises ValidationError on any
-    failure. `quant` names the quantization of the graphs in `files` (int4: the quantized tolerances).
+    failure. `quant` names the quantization of the decoder in `files` (int4: the quantized tolerances; the vision
+    and embed graphs stay float).
+
+    One graph at a time, and for each, every onnxruntime run before the reference's: the session is closed before
+    the reference model loads its weights (lazy_model.py), so the two never hold weights at once.
 
     A fused decoder (`decoder="fused"`) runs the chunk case with one sequence (its contract: one unpadded
     sequence; GroupQueryAttention appends several positions to a past for batch 1 only), and also runs the way
     the runtime drives it: prefill, a decode step and a chunk appended in place to buffers bound as both past
     and present."""
     comparisons: list[Comparison] = []
-    sessions = {name: session(path) for name, path in files.items() if name in graphs}
-    for seed, (graph, case, sizes) in enumerate(CASES):
-        if graph not in graphs:
-            continue
+    for graph in graphs:
+        graph_quant = quant if graph in QUANTIZED_GRAPHS else None
+        cases = []
+        for seed, (case_graph, case, sizes) in enumerate(CASES):
+            if case_graph != graph:
+                continue
+            padding = decoder == "plain"
+            if not padding and graph == "decoder" and sizes["sequence"] > 1 and sizes["past_sequence"] > 0:
+                # GroupQueryAttention appends several positions to a past for one sequence only.
+                case, sizes = case.replace(", B=2 with padding", ""), {**sizes, "batch": 1}
+            cases.append((case, sizes, _case_inputs(specs[graph], dims, sizes, seed, padding)))
         spec = specs[graph]
-        padding = decoder == "plain"
-        if not padding and graph == "decoder" and sizes["sequence"] > 1 and sizes["past_sequence"] > 0:
-            # GroupQueryAttention appends several positions to a past for one sequence only.
-            case, sizes = case.replace(", B=2 with padding", ""), {**sizes, "batch": 1}
-        inputs = _case_inputs(spec, dims, sizes, seed, padding)
-        feed = {k: v.numpy() for k, v in inputs.items()}
-        got = sessions[graph].run([t.name for t in spec.outputs], feed)
-        want = _torch_reference(reference, dims, graph, inputs)
-        for tensor, g, w in zip(spec.outputs, got, want, strict=True):
-            expected_shape = _resolve(tensor.shape, sizes)
-            if g.shape != expected_shape:
-                raise ValidationError(f"{graph} {tensor.name} ({case}): shape {g.shape}, contract {expected_shape}")
-            label = f"{graph} {tensor.name} ({case})"
-            result = compare(label, g, w, dtype, logits=tensor.name == "logits", quant=quant)
-            # One or two positions per case here: top-1 agreement is reported, and judged on the reference cases.
-            result = replace(result, min_top_k=None)
-            log(result.line())
-            comparisons.append(result)
-    if decoder != "plain" and "decoder" in graphs:
-        for result in _shared_buffer_case(sessions["decoder"], specs["decoder"], reference, dims, dtype, quant):
-            log(result.line())
-            comparisons.append(result)
+        runner = session(files[graph], None if graph_quant else dtype)
+        outputs = [runner.run([t.name for t in spec.outputs], {k: v.numpy() for k, v in inputs.items()})
+                   for _, _, inputs in cases]  # fmt: skip
+        shared = _shared_buffer_runs(runner, spec, dims, dtype) if graph == "decoder" and decoder != "plain" else None
+        del runner
+        for (case, sizes, inputs), got in zip(cases, outputs, strict=True):
+            want = _torch_reference(reference, dims, graph, inputs)
+            for tensor, g, w in zip(spec.outputs, got, want, strict=True):
+                expected_shape = _resolve(tensor.shape, sizes)
+                if g.shape != expected_shape:
+                    raise ValidationError(f"{graph} {tensor.name} ({case}): shape {g.shape}, contract {expected_shape}")
+                label = f"{graph} {tensor.name} ({case})"
+                result = compare(label, g, w, dtype, logits=tensor.name == "logits", quant=graph_quant)
+                # One or two positions per case here: top-1 agreement is reported, and judged on the reference cases.
+                result = replace(result, min_top_k=None)
+                log(result.line())
+                comparisons.append(result)
+        if shared is not None:
+            for result in _shared_buffer_compare(shared, spec, reference, dims, dtype, graph_quant):
+                log(result.line())
+                comparisons.append(result)
     raise_on_failure(comparisons)
     return comparisons
 
@@ -264,27 +292,45 @@ SHARED_RUNS = (5, 1, 3)
 SHARED_CAPACITY = 12
 
 
-def _shared_buffer_case(
-    decoder: ort.InferenceSession,
+@dataclass(frozen=True)
+class _SharedRuns:
+    """The shared-buffer case's inputs and, after each run, the logits and the valid part of every buffer."""
+
+    embeds: torch.Tensor
+    logits: list[np.ndarray]
+    caches: list[np.ndarray]
+
+
+def _shared_buffer_runs(decoder: ort.InferenceSession, spec: GraphSpec, dims: Dims, dtype: str) -> _SharedRuns:
+    """The fused decoder driven as the runtime drives it: each past input and its present output bound to one
+    buffer of SHARED_CAPACITY positions, SHARED_RUNS appended in place."""
+    float_type = np.float16 if dtype == "fp16" else np.float32
+    embeds = torch.randn(1, sum(SHARED_RUNS), dims.hidden_size, generator=torch.Generator().manual_seed(7))
+    buffers = _zeroed_buffers(spec, dims, SHARED_CAPACITY, float_type)
+    logits, caches, position = [], [], 0
+    for length in SHARED_RUNS:
+        end = position + length
+        logits.append(_bound_run(decoder, spec, buffers, embeds[:, position:end].numpy().astype(float_type), position))
+        caches.append(np.stack([b.numpy()[:, :, :end] for b in buffers]))
+        position = end
+    return _SharedRuns(embeds, logits, caches)
+
+
+def _shared_buffer_compare(
+    runs: _SharedRuns,
     spec: GraphSpec,
     reference: LlavaForConditionalGeneration,
     dims: Dims,
     dtype: str,
     quant: str | None,
 ) -> list[Comparison]:
-    """The fused decoder driven as the runtime drives it: each past input and its present output bound to one
-    buffer of SHARED_CAPACITY positions, SHARED_RUNS appended in place. After each run the logits and the valid
-    part of every buffer are compared with the PyTorch model run over the whole prefix."""
-    float_type = np.float16 if dtype == "fp16" else np.float32
-    total = sum(SHARED_RUNS)
-    embeds = torch.randn(1, total, dims.hidden_size, generator=torch.Generator().manual_seed(7))
-    buffers = _zeroed_buffers(spec, dims, SHARED_CAPACITY, float_type)
-    comparisons, position = [], 0
-    for length in SHARED_RUNS:
-        end = position + length
-        logits = _bound_run(decoder, spec, buffers, embeds[:, position:end].numpy().astype(float_type), position)
+    """After each shared-buffer run, the logits and the valid part of every buffer against the PyTorch model run
+    over the whole prefix."""
+    comparisons, end = [], 0
+    for length, logits, cache in zip(SHARED_RUNS, runs.logits, runs.caches, strict=True):
+        end += length
         full = {
-            "inputs_embeds": embeds[:, :end],
+            "inputs_embeds": runs.embeds[:, :end],
             "attention_mask": torch.ones(1, end, dtype=torch.int64),
             "position_ids": torch.arange(end)[None],
             **{t.name: torch.zeros(1, dims.num_kv_heads, 0, dims.head_dim) for t in spec.inputs[3:]},
@@ -292,9 +338,7 @@ def _shared_buffer_case(
         want_logits, *want_cache = _torch_reference(reference, dims, "decoder", full)
         label = f"decoder shared buffer (runs {'+'.join(map(str, SHARED_RUNS))}, capacity {SHARED_CAPACITY}) P={end}"
         comparisons.append(compare(f"{label} logits", logits, want_logits, dtype, logits=True, quant=quant))
-        cache = np.stack([b.numpy()[:, :, :end] for b in buffers])
         comparisons.append(compare(f"{label} cache", cache, np.stack(want_cache), dtype, quant=quant))
-        position = end
     # One position per run: top-1 agreement is reported, and judged on the reference cases.
     return [replace(c, min_top_k=None) for c in comparisons]
 
@@ -364,11 +408,28 @@ def _run_case(
         features = sessions["vision"].run(None, {"pixel_values": tensors["pixel_values"].astype(float_type)})[0]
         results["image_features"] = (features, tensors["image_features"])
         embeds[input_ids == image_token_id] = features.reshape(-1, dims.hidden_size)
-    spec = specs["decoder"]
+    logits = decode_steps(sessions, specs["decoder"], dims, float_type, embeds, tokens, free_running, shared)
+    results["step_logits"] = (logits, tensors["step_logits"])
+    return results
+
+
+def decode_steps(
+    sessions: dict[str, ort.InferenceSession],
+    spec: GraphSpec,
+    dims: Dims,
+    float_type: type,
+    embeds: np.ndarray,
+    tokens: list[int],
+    free_running: bool = False,
+    shared: bool = False,
+) -> np.ndarray:
+    """Step logits `[len(tokens), V]` of the prompt `embeds` `[1, S, D]`, then of each of `tokens` but the last fed
+    back through the embed graph (teacher forcing), as the runtime decodes; `free_running` feeds back each step's
+    own argmax instead (then only the length of `tokens` counts); `shared` runs the decoder in shared KV buffers
+    (fused decoders, as the runtime runs them: appending in place to buffers sized to the request)."""
     past_inputs = [t.name for t in spec.inputs[3:]]
     past = [np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), float_type) for _ in past_inputs]
-    # Fused decoders run as the runtime runs them: appending in place to buffers sized to the request.
-    buffers = _zeroed_buffers(spec, dims, input_ids.shape[1] + len(tokens), float_type) if shared else None
+    buffers = _zeroed_buffers(spec, dims, embeds.shape[1] + len(tokens), float_type) if shared else None
     step_logits, position = [], 0
     for step in range(len(tokens)):
         length = embeds.shape[1]
@@ -387,8 +448,7 @@ def _run_case(
         if step + 1 < len(tokens):
             token = int(logits[0, -1].argmax()) if free_running else tokens[step]
             embeds = sessions["embed"].run(None, {"input_ids": np.array([[token]], np.int64)})[0]
-    results["step_logits"] = (np.stack(step_logits), tensors["step_logits"])
-    return results
+    return np.stack(step_logits)
 
 
 GREEDY_TOKENS = 64

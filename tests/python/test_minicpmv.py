@@ -6,6 +6,7 @@ equal, `check` within LLaVA's tolerances, and `generate` token for token equal t
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,11 @@ import pytest
 import skimage.data
 from helpers import case_args, llama3v, load_reference
 from llama3v_export import minicpmv as mcv
+from llama3v_export.checkpoint import CheckpointError
 from llama3v_export.cli import export_model
 from llama3v_export.minicpmv_tiny import make_minicpmv_checkpoint
 from PIL import Image
+from safetensors.numpy import load_file, save_file
 
 PRESET = "tiny-minicpmv"
 
@@ -168,3 +171,18 @@ def test_slicing_constants_are_the_published_ones(minicpmv):
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     assert config["model_type"] == "minicpmv" and config["query_num"] == 96
     assert not (Path(checkpoint) / "preprocessor_config.json").exists()
+
+
+def test_weights_outside_the_layout_are_refused_before_export(minicpmv, tmp_path):
+    """A checkpoint with a weight the layout does not have is refused as a whole, as loading it in PyTorch would
+    refuse it, before any graph is written (the graphs read only the weights they need)."""
+    checkpoint, _, _ = minicpmv
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, copy)
+    (weights,) = copy.glob("*.safetensors")
+    tensors = load_file(str(weights))
+    tensors["llm.model.layers.99.mlp.up_proj.weight"] = np.zeros((2, 2), np.float32)
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match="unexpected"):
+        export_model(copy, tmp_path / "model", log=lambda _: None)
+    assert not (tmp_path / "model" / "vision.onnx").exists()

@@ -141,3 +141,40 @@ def test_int4_keeps_the_trained_models_greedy_choices(tmp_path):
     proc = llama3v("check", "--model", str(out))
     print(proc.stdout)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("decoder", ["plain", "fused"])
+def test_streamed_int4_blocks_equal_onnx_runtimes_quantizer(exports, tmp_path, decoder):
+    """The export quantizes each weight slice by slice as it streams; ONNX Runtime's MatMulNBitsQuantizer run on
+    the fp32 decoder must give the same packed blocks and scales, byte for byte, and the same nodes."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    checkpoint = exports.checkpoint("tiny-c")
+    common = ["--checkpoint", str(checkpoint), "--decoder", decoder, "--skip-validation", "--external-data", "never"]
+    assert main([*common, "--out", str(tmp_path / "fp32")]) == 0
+    assert main([*common, "--out", str(tmp_path / "int4"), "--quant", "int4"]) == 0
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(tmp_path / "fp32" / "decoder.onnx")),
+        bits=4,
+        block_size=DEFAULT_BLOCK_SIZE,
+        is_symmetric=True,
+        accuracy_level=4,
+    )
+    quantizer.process()
+    want = quantizer.model.model.graph
+    got = onnx.load(str(tmp_path / "int4" / "decoder.onnx")).graph
+    want_init = {t.name: onnx.numpy_helper.to_array(t) for t in want.initializer if t.name.endswith(("_Q4", "_scales"))}
+    got_init = {t.name: onnx.numpy_helper.to_array(t) for t in got.initializer if t.name.endswith(("_Q4", "_scales"))}
+    assert sorted(got_init) == sorted(want_init) and got_init
+    for name, array in want_init.items():
+        assert got_init[name].dtype == array.dtype and got_init[name].shape == array.shape, name
+        assert (got_init[name] == array).all(), name
+    attrs = [
+        {(n.name, a.name, onnx.helper.get_attribute_value(a)) for a in n.attribute}
+        for graph in (got, want)
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+    ]
+    half = len(attrs) // 2
+    assert attrs[:half] == attrs[half:]
+    print(f"{decoder}: {len(got_init) // 2} MatMulNBits weights identical to MatMulNBitsQuantizer's")
