@@ -3,42 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import LlavaConfig
 
 from .checkpoint import CheckpointError, checkpoint_model_type, load_checkpoint
+from .export_run import FLOAT_DTYPES, ExportResult, clear_results, progress_log
 from .fused import FLAVOURS, FusedExportError, check_supported
 from .graph_export import export_all
 from .graphs import GraphSpec, dims_from_config, graph_specs, load_model
 from .lazy_model import lazy_reference
 from .manifest import build_manifest, write_model_files
+from .minicpmv_export import export_minicpmv
 from .quantize import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, int4_settings, quantization_entry
 from .reference import write_reference
-from .validate import Comparison, ValidationError, greedy_agreement, validate_graphs, validate_reference
+from .validate import ValidationError, greedy_agreement, validate_graphs, validate_reference
 from .vision_graph import build_vision
 from .weights import CheckpointWeights
 
 DEFAULT_OPSET = 17
 OPSETS = range(14, 21)
-FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16"}
 # `--external-data` → export_all's `external_data` (None: decided per graph by the size of its weights).
 EXTERNAL_DATA_CHOICES = {"auto": None, "always": True, "never": False}
-
-
-@dataclass
-class ExportResult:
-    model_dir: Path
-    manifest: dict
-    comparisons: list[Comparison] = field(default_factory=list)
-    reference: dict | None = None
-    # fp16/int4 with --reference: free-running greedy tokens equal to fp32 transformers' (equal, prefix, tokens).
-    greedy: tuple[int, int, int] | None = None
 
 
 def export_model(
@@ -68,8 +56,6 @@ def export_model(
     if quant is not None and dtype != "fp32":
         raise CheckpointError(f"--quant {quant} quantizes an fp32 export; got --dtype {dtype}")
     if checkpoint_model_type(checkpoint_dir) == "minicpmv":
-        from .minicpmv_export import export_minicpmv  # the MiniCPM-Llama3-V 2.5 layout (onnx/README.md)
-
         options = (dtype, reference, opset, validate, log, external_data, quant, block_size, decoder)
         return export_minicpmv(checkpoint_dir, out, *options)
     step = progress_log(log)
@@ -122,34 +108,6 @@ def export_model(
     write_model_files(out, checkpoint, result.manifest)
     step(f"wrote {out / 'manifest.json'}")
     return result
-
-
-def progress_log(log: Callable[[str], None]) -> Callable[[str], None]:
-    """`log` with each line prefixed by the seconds since this call and the process's memory."""
-    start = time.perf_counter()
-
-    def step(message: str) -> None:
-        log(f"[{time.perf_counter() - start:6.1f} s, {_resident()}] {message}")
-
-    return step
-
-
-def clear_results(out: Path) -> None:
-    """Create `out`; results of an earlier export into it (manifest, reference cases) must not outlive it."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)
-    if (out / "reference" / "reference.json").is_file():
-        shutil.rmtree(out / "reference")
-
-
-def _resident() -> str:
-    """This process's resident memory now and at its peak, for progress lines (Linux; empty elsewhere)."""
-    try:
-        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    except OSError:
-        return "memory n/a"
-    gib = {k: int(status[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM")}
-    return f"RSS {gib['VmRSS']:.2f} GiB, peak {gib['VmHWM']:.2f} GiB"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

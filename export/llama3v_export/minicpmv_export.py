@@ -40,7 +40,7 @@ from transformers import PreTrainedTokenizerFast
 from . import __version__
 from . import minicpmv as mcv
 from .checkpoint import Checkpoint, CheckpointError, _read_json, _require, find_chat_template, find_weights
-from .cli import FLOAT_DTYPES, ExportResult, clear_results, progress_log
+from .export_run import FLOAT_DTYPES, ExportResult, clear_results, progress_log
 from .fused import check_supported
 from .graph_export import export_all
 from .graphs import EXTERNAL_DATA_THRESHOLD, Dims, GraphSpec, TensorSpec, graph_specs

@@ -6,9 +6,7 @@ files a real llama3v-class checkpoint carries, with random weights and the real 
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,52 +233,3 @@ def make_checkpoint(preset_name: str, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     write_processor_files(processor(preset), out)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    # The MiniCPM-Llama3-V 2.5 layout's presets live beside it (minicpmv_tiny builds on this module).
-    from .minicpmv_tiny import MINICPMV_PRESETS, make_minicpmv_checkpoint
-
-    parser = argparse.ArgumentParser(prog="llama3v-tiny", description=__doc__.splitlines()[0])
-    from . import real_shapes  # builds on this module's config and processor
-
-    parser.add_argument(
-        "--preset", required=True, choices=sorted([*PRESETS, *MINICPMV_PRESETS, real_shapes.REAL_SHAPES_PRESET])
-    )
-    parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--llama3v-names",
-        action="store_true",
-        help="MiniCPM-V presets: name the weights as the llama3v release does (vison.*, projection.*)",
-    )
-    parser.add_argument(
-        "--decoder-layers",
-        type=int,
-        default=real_shapes.DEFAULT_DECODER_LAYERS,
-        help=f"real-shapes only: Llama-3-8B layers (default {real_shapes.DEFAULT_DECODER_LAYERS}, the real model 32)",
-    )
-    parser.add_argument(
-        "--vision-layers",
-        type=int,
-        default=real_shapes.DEFAULT_VISION_LAYERS,
-        help=f"real-shapes only: SigLIP-so400m layers (default {real_shapes.DEFAULT_VISION_LAYERS}, the real model 27)",
-    )
-    args = parser.parse_args(argv)
-    if args.preset == real_shapes.REAL_SHAPES_PRESET:
-        real_shapes.write_real_shapes_checkpoint(args.out, args.decoder_layers, args.vision_layers, args.seed)
-        print(
-            f"wrote {args.preset} checkpoint ({args.decoder_layers} decoder, {args.vision_layers} vision layers, "
-            f"seed {args.seed}) to {args.out}"
-        )
-        return 0
-    if args.preset in MINICPMV_PRESETS:
-        make_minicpmv_checkpoint(args.preset, args.out, args.seed, renamed=args.llama3v_names)
-    else:
-        make_checkpoint(args.preset, args.out, args.seed)
-    print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from llama3v_export.cli import ExportResult, export_model
+from llama3v_export.cli import export_model
+from llama3v_export.export_run import ExportResult
 from llama3v_export.tiny import TINY_PRESETS, make_checkpoint
 
 # GQA 4 and three layers: the preset where half precision has the most room to drift.

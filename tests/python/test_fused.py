@@ -11,7 +11,8 @@ from pathlib import Path
 import onnx
 import pytest
 from helpers import case_args, llama3v, load_reference
-from llama3v_export.cli import ExportResult, export_model, main
+from llama3v_export.cli import export_model, main
+from llama3v_export.export_run import ExportResult
 from llama3v_export.tiny import TINY_PRESETS
 from llama3v_export.validate import FP32_ABS_TOLERANCE
 

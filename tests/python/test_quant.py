@@ -10,7 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from helpers import REPO, llama3v
-from llama3v_export.cli import ExportResult, export_model, main
+from llama3v_export.cli import export_model, main
+from llama3v_export.export_run import ExportResult
 from llama3v_export.quantize import DEFAULT_BLOCK_SIZE
 from llama3v_export.validate import INT4_MIN_TOP_K, INT4_REL_TOLERANCE
 
