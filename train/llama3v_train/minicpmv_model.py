@@ -113,11 +113,17 @@ def write_checkpoint(model: mcv.MiniCPMV, tok: PreTrainedTokenizerFast, out: Pat
 # --- Data: each image sliced once, slices kept as uint8 ---------------------------------------------------------
 
 
-def sliced(image, settings: mcv.SliceSettings) -> tuple[list[torch.Tensor], tuple[int, int] | None]:
-    """The overview then the grid's cells row by row as uint8 `[3, H, W]`, and the grid (columns, rows) or None."""
+def sliced(image, settings: mcv.SliceSettings) -> tuple[list[np.ndarray], tuple[int, int] | None]:
+    """The overview then the grid's cells row by row as uint8 `[H, W, 3]` arrays (numpy, so that worker processes
+    return them by pickling, not by one shared-memory file per tensor), and the grid (columns, rows) or None."""
     overview, cells, grid = mcv.slice_image(image.convert("RGB"), settings)
-    arrays = [torch.from_numpy(np.asarray(s, dtype=np.uint8).copy()).permute(2, 0, 1) for s in [overview, *cells]]
-    return arrays, grid
+    return [np.asarray(s, dtype=np.uint8).copy() for s in [overview, *cells]], grid
+
+
+def as_tensors(entry) -> tuple[list[torch.Tensor], tuple[int, int] | None]:
+    """`sliced`'s arrays as uint8 `[3, H, W]` tensors."""
+    arrays, grid = entry
+    return [torch.from_numpy(a).permute(2, 0, 1) for a in arrays], grid
 
 
 def slices_chunk(args: tuple[int, int, int, bool]) -> tuple[list, list[tuple[str, str, str]]]:

@@ -178,7 +178,8 @@ def make_dataset(seed: int, count: int, workers: int, layout: str = "llava") -> 
         jobs = [(seed, s, min(s + chunk, count), True) for s in range(0, count, chunk)]
         with Pool(workers) as pool:
             parts = pool.map(minicpmv_model.slices_chunk, jobs)
-        return [e for entries, _ in parts for e in entries], [label for _, labels in parts for label in labels]
+        entries = [minicpmv_model.as_tensors(e) for entries, _ in parts for e in entries]
+        return entries, [label for _, labels in parts for label in labels]
     jobs = [(seed, s, min(s + chunk, count)) for s in range(0, count, chunk)]
     with Pool(workers) as pool:
         parts = pool.map(_pixels_chunk, jobs)
