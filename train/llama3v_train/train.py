@@ -360,35 +360,41 @@ def train(
         trainee.encoder = Encoder(proc)
     log(f"model: {sum(p.numel() for p in model.parameters())} parameters")
     validation = (val_inputs, label_tensor(val_names))
+    steps = " ".join(str(s.steps) for s in stages)
+
+    def training_log(reports: list[dict]) -> dict:
+        return {
+            "command": f"python -m llama3v_train.train{' --layout minicpmv' if layout == 'minicpmv' else ''} "
+            f"--out {out} --images {images} --threads {threads} --seed {seed} --steps {steps}"
+            + (f" --init-from {init_from}" if init_from else ""),
+            "torch": torch.__version__,
+            "layout": layout,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_image_seed": TRAIN_SEED,
+            "images": images,
+            "validation_image_seed": VALIDATION_SEED,
+            "validation_images": VALIDATION_IMAGES,
+            "data_seconds": data_seconds,
+            "stages": reports,
+            "total_seconds": round(time.time() - total, 1),
+        }
+
     reports = []
     for stage in stages:
+        if stage.steps == 0:
+            log(f"stage {stage.name}: 0 steps, skipped")
+            continue
         reports.append(run_stage(trainee, stage, data, validation, rng, log))
         if layout == "minicpmv":
-            # Written after every stage, so a run cut short leaves the last finished stage's checkpoint.
+            # Written after every stage, so a run cut short leaves the last finished stage's checkpoint and log.
             minicpmv_model.write_checkpoint(model, tok, out)
-            partial = {"stages": reports, "seconds_so_far": round(time.time() - total, 1)}
-            (out / "training_log.json").write_text(json.dumps(partial, indent=2) + "\n")
+            (out / "training_log.json").write_text(json.dumps(training_log(reports), indent=2) + "\n")
     if layout != "minicpmv":
         out.mkdir(parents=True, exist_ok=True)
         model.generation_config = generation_config(proc)
         model.save_pretrained(out, safe_serialization=True)
         write_processor_files(proc, out)
-    steps = " ".join(str(s.steps) for s in stages)
-    report = {
-        "command": f"python -m llama3v_train.train{' --layout minicpmv' if layout == 'minicpmv' else ''} --out {out} "
-        f"--images {images} --threads {threads} --seed {seed} --steps {steps}"
-        + (f" --init-from {init_from}" if init_from else ""),
-        "torch": torch.__version__,
-        "layout": layout,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "train_image_seed": TRAIN_SEED,
-        "images": images,
-        "validation_image_seed": VALIDATION_SEED,
-        "validation_images": VALIDATION_IMAGES,
-        "data_seconds": data_seconds,
-        "stages": reports,
-        "total_seconds": round(time.time() - total, 1),
-    }
+    report = training_log(reports)
     (out / "training_log.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"saved {out} ({report['total_seconds']} s in all)")
     return report
