@@ -6,6 +6,10 @@ Images come from a seed the training never uses (training uses seed 0). For ever
 questions, PyTorch answers with transformers' greedy `generate` and the runtime with
 `llama3v generate --temperature 0 --json`; an answer is right when it is exactly the task's answer. The runtime's
 token ids must equal PyTorch's on every image and question.
+
+A checkpoint in the MiniCPM-Llama3-V 2.5 layout (config `model_type` "minicpmv", `llama3v-train --layout minicpmv`)
+is answered in PyTorch by the exporter's reference (`llama3v_export.minicpmv`: its slicing, prompt layout, vision
+features and the Llama decoder's greedy `generate`), image by image.
 """
 
 from __future__ import annotations
@@ -38,11 +42,69 @@ def load_processor(checkpoint: Path) -> LlavaProcessor:
     return proc
 
 
+def layout_of(checkpoint: Path) -> str:
+    config = json.loads((checkpoint / "config.json").read_text())
+    return "minicpmv" if config.get("model_type") == "minicpmv" else "llava"
+
+
+def minicpmv_reference(checkpoint: Path):
+    """(model, tokenizer, special ids, stop ids) as the exporter loads a MiniCPM-V checkpoint for its reference."""
+    from llama3v_export import minicpmv as mcv
+    from llama3v_export.minicpmv_export import load_minicpmv_checkpoint, special_ids
+    from transformers import PreTrainedTokenizerFast
+
+    files = load_minicpmv_checkpoint(checkpoint)
+    model = mcv.load_minicpmv(checkpoint, files.weights)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(files.tokenizer_file),
+        bos_token=files.tokenizer_config.get("bos_token"),
+        eos_token=files.tokenizer_config.get("eos_token"),
+        unk_token=mcv.PLACEHOLDER,
+        chat_template=files.chat_template,
+    )
+    return model, tokenizer, special_ids(files.tokenizer_file), list(files.generation_config["eos_token_id"])
+
+
+def minicpmv_torch_answers(checkpoint: Path, images: list[Path], question: str) -> list[list[int]]:
+    """Greedy answer token ids (stop token excluded) for each image, one image at a time (prompts differ in length
+    with the slice grid): the reference's slices, prompt ids, vision features and the decoder's greedy generate."""
+    from llama3v_export import minicpmv as mcv
+    from PIL import Image
+
+    model, tokenizer, ids, stops = minicpmv_reference(checkpoint)
+    out: list[list[int]] = []
+    for path in images:
+        with Image.open(path) as image:
+            messages, slices = mcv.build_messages([image.convert("RGB")], question, None, model.settings)
+        input_ids = mcv.prompt_ids(tokenizer, messages)
+        bounds = mcv.image_bounds(input_ids, ids["image_start"], ids["image_end"])
+        with torch.no_grad():
+            features = model.vision_features(slices)
+            embeds = model.prompt_embeddings(torch.tensor([input_ids]), features, bounds)
+            generated = model.llm.generate(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(1, len(input_ids), dtype=torch.int64),
+                do_sample=False,
+                max_new_tokens=32,
+                eos_token_id=stops,
+                pad_token_id=stops[0],
+            )
+        answer_ids = []
+        for token in generated[0].tolist():
+            if token in stops:
+                break
+            answer_ids.append(token)
+        out.append(answer_ids)
+    return out
+
+
 def torch_answers(checkpoint: Path, images: list[Path], question: str, batch: int = 100) -> list[list[int]]:
     """Greedy answer token ids (stop token excluded) for each image. All prompts have the same length (one image,
     the same question), so batches need no padding."""
     from PIL import Image
 
+    if layout_of(checkpoint) == "minicpmv":
+        return minicpmv_torch_answers(checkpoint, images, question)
     proc = load_processor(checkpoint)
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
     stops = set(model.generation_config.eos_token_id)
@@ -102,10 +164,13 @@ def evaluate(
         paths.append(path)
     ratio = f", aspect ratio {aspect[0]}:1 to {aspect[1]}:1" if aspect else ""
     log(f"{count} images (seed {seed}{ratio}) in {workdir}")
-    proc = load_processor(checkpoint)
-    tok = proc.tokenizer
-    stops = set(LlavaForConditionalGeneration.from_pretrained(checkpoint).generation_config.eos_token_id)
-    results: dict = {"images": count, "seed": seed, "aspect": aspect, "questions": {}}
+    if layout_of(checkpoint) == "minicpmv":
+        _, tok, _, stop_list = minicpmv_reference(checkpoint)
+        stops = set(stop_list)
+    else:
+        tok = load_processor(checkpoint).tokenizer
+        stops = set(LlavaForConditionalGeneration.from_pretrained(checkpoint).generation_config.eos_token_id)
+    results: dict = {"images": count, "seed": seed, "aspect": aspect, "layout": layout_of(checkpoint), "questions": {}}
     for kind, question in QUESTIONS.items():
         want = [answer(kind, s.shape, s.color, s.background) for s in samples]
         t = time.time()

@@ -15,6 +15,9 @@ EOS_TOKEN = "<|end_of_text|>"
 EOT_TOKEN = "<|eot_id|>"
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, "<|start_header_id|>", "<|end_header_id|>", EOT_TOKEN, IMAGE_TOKEN)
+# The MiniCPM-Llama3-V 2.5 layout's prompt tokens besides <image>: the image end, the slice grid's brackets and the
+# <unk> placeholder rows that the resampler's features replace.
+MINICPMV_SPECIAL_TOKENS = (*SPECIAL_TOKENS, "</image>", "<slice>", "</slice>", "<unk>")
 # Learned merges on top of the 256 byte tokens: enough for every task word to be one token.
 BPE_VOCAB_SIZE = 384
 # Llama-3's pre-tokenization split pattern, so words split as the real tokenizer splits them.
@@ -35,7 +38,8 @@ def task_texts() -> list[str]:
     return texts * 4
 
 
-def build_tokenizer() -> Tokenizer:
+def build_tokenizer(special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> Tokenizer:
+    """The task's BPE (the same merges for every layout), then `special_tokens` after the learned vocabulary."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -50,5 +54,5 @@ def build_tokenizer() -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(task_texts(), trainer=trainer)
-    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special_tokens])
     return tokenizer

@@ -1,6 +1,7 @@
-"""Train the shapes model in four stages and save it as a Hugging Face LLaVA checkpoint.
+"""Train the shapes model in four stages and save it as a Hugging Face LLaVA (or MiniCPM-V) checkpoint.
 
     python -m llama3v_train.train --out models-src/shapes
+    python -m llama3v_train.train --layout minicpmv --out models-src/shapes-minicpmv
 
 Stage V pretrains the vision tower alone with an auxiliary classification head (shape, color, background) on its
 mean-pooled last layer, the analogue of SigLIP being pretrained before LLaVA training; the head is discarded.
@@ -8,6 +9,10 @@ Stage 0 trains the tower, projector and language model together on the answer lo
 the tower); stage 1 trains only the projector, tower and language model frozen; stage 2 fine-tunes only the
 language model, tower and projector frozen. The answer loss is the cross-entropy of the assistant's answer tokens
 (and the closing <|eot_id|>) only.
+
+`--layout minicpmv` trains the same task, tokenizer merges, losses and loop on MiniCPM-Llama3-V 2.5's architecture
+(minicpmv_model.py): the "projector" is the resampler, images are sliced as the exporter's reference slices them,
+and the auxiliary head reads the resampler's output pooled over an image's slices.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from llama3v_export.tiny import write_processor_files
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from . import minicpmv_model
 from .model import TOKENS_PER_IMAGE, generation_config, llava_config, processor
 from .shapes import BACKGROUNDS, COLORS, QUESTIONS, SHAPES, answer, make_sample, question_for
 
@@ -65,6 +71,16 @@ STAGES = (
     Stage("1-projector", ("model.multi_modal_projector",), 200, 1e-3, 48, answer_loss=True, aux_loss=False),
     Stage("2-language-model", ("model.language_model", "lm_head"), 400, 5e-4, 48, answer_loss=True, aux_loss=False),
 )
+# The MiniCPM-V layout: an image is an overview and up to 6 slices (7x the LLaVA layout's vision work per image),
+# so batches are smaller and stages shorter; the resampler plays the projector's part.
+MINICPMV_TOWER = ("vpm", "resampler", "aux_head")
+MINICPMV_STAGES = (
+    Stage("V-vision", MINICPMV_TOWER, 600, 1e-3, 24, answer_loss=False, aux_loss=True),
+    Stage("0-joint", (*MINICPMV_TOWER, "llm"), 900, 7e-4, 24, answer_loss=True, aux_loss=True),
+    Stage("1-projector", ("resampler",), 100, 5e-4, 24, answer_loss=True, aux_loss=False),
+    Stage("2-language-model", ("llm",), 200, 3e-4, 24, answer_loss=True, aux_loss=False),
+)
+LAYOUT_STAGES = {"llava": STAGES, "minicpmv": MINICPMV_STAGES}
 
 
 class AuxHead(torch.nn.Module):
@@ -100,6 +116,20 @@ class Trainee:
         yield from self.model.named_parameters()
         yield from self.aux_head.named_parameters(prefix="aux_head")
 
+    def take(self, pixels: torch.Tensor, index: list[int], rng: random.Random) -> torch.Tensor:
+        return flip(pixels[index], rng)
+
+    def vision(self, pixels: torch.Tensor) -> None:
+        self.model.model.vision_tower(pixel_values=pixels)
+
+    def aux_logits(self) -> tuple[torch.Tensor, ...]:
+        return self.aux_head(self.features)
+
+    def answer_logits(self, pixels: torch.Tensor, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.encoder.batch(pairs)
+        logits = self.model(input_ids=batch["input_ids"], pixel_values=pixels, attention_mask=batch["attention_mask"])
+        return logits.logits, batch["labels"]
+
 
 def label_tensor(labels: list[tuple[str, str, str]]) -> torch.Tensor:
     names = (SHAPES, tuple(COLORS), BACKGROUNDS)
@@ -117,11 +147,15 @@ def flip(pixels: torch.Tensor, rng: random.Random) -> torch.Tensor:
     return out
 
 
-def aux_accuracy(trainee: Trainee, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def aux_accuracy(trainee, inputs, labels: torch.Tensor) -> dict[str, float]:
     """The auxiliary classifier's accuracy on held-out images (shape, color, background)."""
+    chunk = 100
+    parts = []
     with torch.no_grad():
-        trainee.model.model.vision_tower(pixel_values=pixels)
-        logits = trainee.aux_head(trainee.features)
+        for start in range(0, len(labels), chunk):
+            trainee.vision(inputs[start : start + chunk])
+            parts.append(trainee.aux_logits())
+    logits = [torch.cat(p) for p in zip(*parts, strict=True)]
     return {
         name: round((part.argmax(-1) == labels[:, k]).float().mean().item(), 4)
         for k, (name, part) in enumerate(zip(("shape", "color", "background"), logits, strict=True))
@@ -136,9 +170,16 @@ def _pixels_chunk(args: tuple[int, int, int]) -> tuple[torch.Tensor, list[tuple[
     return pixels, [(s.shape, s.color, s.background) for s in samples]
 
 
-def make_dataset(seed: int, count: int, workers: int) -> tuple[torch.Tensor, list[tuple[str, str, str]]]:
-    """Preprocessed pixel values (the SigLIP image processor's output) and labels of `count` images."""
+def make_dataset(seed: int, count: int, workers: int, layout: str = "llava") -> tuple:
+    """Preprocessed images and labels of `count` images: LLaVA, pixel values (the SigLIP image processor's output);
+    MiniCPM-V, each image's slices (uint8) and grid, half of the images beyond 2:1 (minicpmv_model.TRAIN_ASPECT)."""
     chunk = 500
+    if layout == "minicpmv":
+        jobs = [(seed, s, min(s + chunk, count), True) for s in range(0, count, chunk)]
+        with Pool(workers) as pool:
+            parts = pool.map(minicpmv_model.slices_chunk, jobs)
+        entries = [minicpmv_model.as_tensors(e) for entries, _ in parts for e in entries]
+        return entries, [label for _, labels in parts for label in labels]
     jobs = [(seed, s, min(s + chunk, count)) for s in range(0, count, chunk)]
     with Pool(workers) as pool:
         parts = pool.map(_pixels_chunk, jobs)
@@ -192,7 +233,7 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def set_trainable(trainee: Trainee, prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:
+def set_trainable(trainee, prefixes: tuple[str, ...]) -> list[torch.nn.Parameter]:
     params = []
     for name, param in trainee.named_parameters():
         param.requires_grad_(name.startswith(prefixes))
@@ -202,12 +243,11 @@ def set_trainable(trainee: Trainee, prefixes: tuple[str, ...]) -> list[torch.nn.
 
 
 def stage_loss(
-    trainee: Trainee,
+    trainee,
     stage: Stage,
-    pixels: torch.Tensor,
+    inputs,
     labels: torch.Tensor,
     names: list[tuple[str, str, str]],
-    encoder: Encoder,
     rng: random.Random,
 ) -> torch.Tensor:
     loss = torch.zeros(())
@@ -216,29 +256,25 @@ def stage_loss(
         for shape, color, background in names:
             kind = rng.choice(list(QUESTIONS))
             pairs.append((question_for(kind, rng, PARAPHRASE_RATE), answer(kind, shape, color, background)))
-        batch = encoder.batch(pairs)
-        logits = trainee.model(
-            input_ids=batch["input_ids"], pixel_values=pixels, attention_mask=batch["attention_mask"]
-        ).logits
-        loss = loss + answer_loss(logits, batch["labels"])
+        logits, answer_labels = trainee.answer_logits(inputs, pairs)
+        loss = loss + answer_loss(logits, answer_labels)
     else:
-        trainee.model.model.vision_tower(pixel_values=pixels)
+        trainee.vision(inputs)
     if stage.aux_loss:
-        parts = trainee.aux_head(trainee.features)
+        parts = trainee.aux_logits()
         loss = loss + sum(torch.nn.functional.cross_entropy(p, labels[:, k]) for k, p in enumerate(parts))
     return loss
 
 
 def run_stage(
-    trainee: Trainee,
+    trainee,
     stage: Stage,
-    data: tuple[torch.Tensor, list[tuple[str, str, str]]],
-    validation: tuple[torch.Tensor, torch.Tensor],
-    encoder: Encoder,
+    data: tuple,
+    validation: tuple,
     rng: random.Random,
     log,
 ) -> dict:
-    pixels, names = data
+    inputs, names = data
     labels = label_tensor(names)
     params = set_trainable(trainee, stage.trains)
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.05, betas=(0.9, 0.98))
@@ -255,7 +291,7 @@ def run_stage(
     for step in range(stage.steps):
         index = [rng.randrange(len(names)) for _ in range(stage.batch_size)]
         loss = stage_loss(
-            trainee, stage, flip(pixels[index], rng), labels[index], [names[i] for i in index], encoder, rng
+            trainee, stage, trainee.take(inputs, index, rng), labels[index], [names[i] for i in index], rng
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -291,40 +327,74 @@ def run_stage(
     return report
 
 
-def train(out: Path, images: int, threads: int, seed: int, stages: tuple[Stage, ...], log=print) -> dict:
+def train(
+    out: Path,
+    images: int,
+    threads: int,
+    seed: int,
+    stages: tuple[Stage, ...],
+    log=print,
+    layout: str = "llava",
+    init_from: Path | None = None,
+) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     total = time.time()
-    proc = processor()
     t = time.time()
-    data = make_dataset(TRAIN_SEED, images, workers=WORKERS)
-    val_pixels, val_names = make_dataset(VALIDATION_SEED, VALIDATION_IMAGES, workers=WORKERS)
+    data = make_dataset(TRAIN_SEED, images, WORKERS, layout)
+    val_inputs, val_names = make_dataset(VALIDATION_SEED, VALIDATION_IMAGES, WORKERS, layout)
     data_seconds = round(time.time() - t, 1)
     log(f"{images} training and {VALIDATION_IMAGES} validation images generated and preprocessed in {data_seconds} s")
-    model = LlavaForConditionalGeneration(llava_config(proc))
+    if layout == "minicpmv":
+        tok = minicpmv_model.tokenizer()
+        trainee = minicpmv_model.Trainee(tok)
+        model = trainee.model
+        if init_from is not None:
+            copied = trainee.init_from_llava(init_from)
+            log(f"initialized {len(copied)} tower and decoder tensors from {init_from}")
+    else:
+        proc = processor()
+        model = LlavaForConditionalGeneration(llava_config(proc))
+        trainee = Trainee(model)
+        trainee.encoder = Encoder(proc)
     log(f"model: {sum(p.numel() for p in model.parameters())} parameters")
-    trainee = Trainee(model)
-    encoder = Encoder(proc)
-    validation = (val_pixels, label_tensor(val_names))
-    reports = [run_stage(trainee, s, data, validation, encoder, rng, log) for s in stages]
-    out.mkdir(parents=True, exist_ok=True)
-    model.generation_config = generation_config(proc)
-    model.save_pretrained(out, safe_serialization=True)
-    write_processor_files(proc, out)
+    validation = (val_inputs, label_tensor(val_names))
     steps = " ".join(str(s.steps) for s in stages)
-    report = {
-        "command": f"python -m llama3v_train.train --out {out} --images {images} --threads {threads} --seed {seed} "
-        f"--steps {steps}",
-        "torch": torch.__version__,
-        "train_image_seed": TRAIN_SEED,
-        "images": images,
-        "validation_image_seed": VALIDATION_SEED,
-        "validation_images": VALIDATION_IMAGES,
-        "data_seconds": data_seconds,
-        "stages": reports,
-        "total_seconds": round(time.time() - total, 1),
-    }
+
+    def training_log(reports: list[dict]) -> dict:
+        return {
+            "command": f"python -m llama3v_train.train{' --layout minicpmv' if layout == 'minicpmv' else ''} "
+            f"--out {out} --images {images} --threads {threads} --seed {seed} --steps {steps}"
+            + (f" --init-from {init_from}" if init_from else ""),
+            "torch": torch.__version__,
+            "layout": layout,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_image_seed": TRAIN_SEED,
+            "images": images,
+            "validation_image_seed": VALIDATION_SEED,
+            "validation_images": VALIDATION_IMAGES,
+            "data_seconds": data_seconds,
+            "stages": reports,
+            "total_seconds": round(time.time() - total, 1),
+        }
+
+    reports = []
+    for stage in stages:
+        if stage.steps == 0:
+            log(f"stage {stage.name}: 0 steps, skipped")
+            continue
+        reports.append(run_stage(trainee, stage, data, validation, rng, log))
+        if layout == "minicpmv":
+            # Written after every stage, so a run cut short leaves the last finished stage's checkpoint and log.
+            minicpmv_model.write_checkpoint(model, tok, out)
+            (out / "training_log.json").write_text(json.dumps(training_log(reports), indent=2) + "\n")
+    if layout != "minicpmv":
+        out.mkdir(parents=True, exist_ok=True)
+        model.generation_config = generation_config(proc)
+        model.save_pretrained(out, safe_serialization=True)
+        write_processor_files(proc, out)
+    report = training_log(reports)
     (out / "training_log.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"saved {out} ({report['total_seconds']} s in all)")
     return report
@@ -333,7 +403,15 @@ def train(out: Path, images: int, threads: int, seed: int, stages: tuple[Stage, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama3v-train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
-    parser.add_argument("--images", type=int, default=30000, help="training images (seed 0)")
+    parser.add_argument(
+        "--layout", choices=sorted(LAYOUT_STAGES), default="llava", help="checkpoint layout (architecture)"
+    )
+    parser.add_argument("--images", type=int, help="training images (seed 0; default 30000, minicpmv 12000)")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="minicpmv: start the tower and decoder from this LLaVA-layout shapes checkpoint (models-src/shapes)",
+    )
     # One compute thread: on a shared 2-core machine a 2-thread pool spends its time waiting for the other core
     # (measured: 0.1 s per step with 1 thread, 0.3 s with 2). Data generation uses WORKERS processes.
     parser.add_argument("--threads", type=int, default=1, help="torch compute threads")
@@ -342,10 +420,14 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, nargs=len(STAGES), metavar=tuple(s.name for s in STAGES), help="override stage steps"
     )
     args = parser.parse_args(argv)
-    stages = STAGES
+    stages = LAYOUT_STAGES[args.layout]
     if args.steps:
-        stages = tuple(dataclasses.replace(s, steps=n) for s, n in zip(STAGES, args.steps, strict=True))
-    train(args.out, args.images, args.threads, args.seed, stages, log=lambda m: print(m, flush=True))
+        stages = tuple(dataclasses.replace(s, steps=n) for s, n in zip(stages, args.steps, strict=True))
+    if args.init_from and args.layout != "minicpmv":
+        parser.error("--init-from is for --layout minicpmv")
+    images = args.images or (12000 if args.layout == "minicpmv" else 30000)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    train(args.out, images, args.threads, args.seed, stages, log, args.layout, args.init_from)
     return 0
 
 
