@@ -85,14 +85,16 @@ if ! "$py" -c "import llama3v_train" 2>/dev/null; then
 fi
 
 model=models/default
-# The default model is the small trained shapes model committed in models-src/shapes (train/README.md):
-# it answers questions about one colored shape on a plain background. The export is redone when the
+source=models-src/shapes-minicpmv
+# The default model is the small trained shapes model in the MiniCPM-Llama3-V 2.5 layout, committed in
+# models-src/shapes-minicpmv (train/README.md): it answers questions about one colored shape on a plain
+# background, at any aspect ratio up to 10:1 (images are sliced, not squashed). The export is redone when the
 # committed weights change (or the directory came from an older default), told by their checksum.
-weights_sum=$(sha256sum models-src/shapes/model.safetensors | cut -d' ' -f1)
+weights_sum=$(sha256sum "$source/model.safetensors" | cut -d' ' -f1)
 if [ ! -f "$model/manifest.json" ] || [ "$(cat "$model/.source-sha256" 2>/dev/null)" != "$weights_sum" ]; then
-    echo "== exporting the default model (models-src/shapes, the trained shapes model) to $model"
+    echo "== exporting the default model ($source, the trained shapes model) to $model"
     rm -rf "$model"
-    "$venv/bin/llama3v-export" --checkpoint models-src/shapes --out "$model" --reference
+    "$venv/bin/llama3v-export" --checkpoint "$source" --out "$model" --reference
     echo "$weights_sum" >"$model/.source-sha256"
 fi
 if [ ! -f models/example-shape.png ]; then
