@@ -16,16 +16,17 @@ use std::sync::OnceLock;
 
 /// The server's request modules, compiled here as they are in `llama3v serve`.
 #[allow(dead_code)]
+#[path = "../../cli/src/serve"]
 mod serve {
-    #[path = "../../../cli/src/serve/api.rs"]
+    #[path = "api.rs"]
     pub mod api;
-    #[path = "../../../cli/src/serve/errors.rs"]
+    #[path = "errors.rs"]
     pub mod errors;
-    #[path = "../../../cli/src/serve/fields.rs"]
+    #[path = "fields.rs"]
     pub mod fields;
-    #[path = "../../../cli/src/serve/images.rs"]
+    #[path = "images.rs"]
     pub mod images;
-    #[path = "../../../cli/src/serve/request.rs"]
+    #[path = "request.rs"]
     pub mod request;
 }
 

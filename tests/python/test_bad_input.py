@@ -72,7 +72,10 @@ def rehash(model: Path, graph: str) -> None:
 
 
 def externalize_vision(model: Path) -> None:
-    """Rewrites vision.onnx with every initializer in vision.onnx.data and lists that file in the manifest."""
+    """Rewrites vision.onnx with its weights in vision.onnx.data and lists that file in the manifest.
+
+    Tensors under 1 KiB (shape constants, which ONNX Runtime's shape inference must read inline) stay in the
+    graph, as the exporter's own external-data rule keeps them."""
     graph = onnx.load(str(model / "vision.onnx"))
     onnx.save_model(
         graph,
@@ -80,7 +83,7 @@ def externalize_vision(model: Path) -> None:
         save_as_external_data=True,
         all_tensors_to_one_file=True,
         location="vision.onnx.data",
-        size_threshold=0,
+        size_threshold=1024,
     )
     edit_manifest(model, lambda m: m["graphs"]["vision"].update(external_data=[{"file": "vision.onnx.data"}]))
     rehash(model, "vision")
