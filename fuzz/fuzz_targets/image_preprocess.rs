@@ -22,8 +22,12 @@ fn with_fixed_png_crcs(data: &[u8]) -> Vec<u8> {
     }
     let mut at = PNG_SIGNATURE.len();
     while at + 12 <= bytes.len() {
-        let len = u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
-        let Some(end) = (at + 8).checked_add(len).filter(|end| end + 4 <= bytes.len()) else {
+        let len =
+            u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
+        let Some(end) = (at + 8)
+            .checked_add(len)
+            .filter(|end| end + 4 <= bytes.len())
+        else {
             break;
         };
         let crc = crc32(&bytes[at + 4..end]);
@@ -39,7 +43,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &byte in bytes {
         crc ^= u32::from(byte);
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -59,7 +67,10 @@ fuzz_target!(|data: &[u8]| {
         (Ok(a), Ok(b)) => {
             assert_eq!(a.len(), b.len());
             let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "the streamed and the whole-image paths give different values");
+            assert!(
+                same,
+                "the streamed and the whole-image paths give different values"
+            );
         }
         (Err(_), Err(_)) => {}
         (a, b) => panic!(

@@ -78,7 +78,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(job) = validate(request, &limits, &sampling_defaults) else {
         return;
     };
-    assert!(job.max_tokens.is_none_or(|n| (1..=limits.max_tokens).contains(&n)));
+    assert!(job
+        .max_tokens
+        .is_none_or(|n| (1..=limits.max_tokens).contains(&n)));
     assert!(job.sampling.validate().is_ok());
 
     // Local paths are refused without --allowed-image-dir: no file is touched here.
@@ -109,15 +111,12 @@ fuzz_target!(|data: &[u8]| {
     let Ok(parsed) = text.tokenizer.encode(&rendered) else {
         return;
     };
-    let Ok(plain) = text
-        .plain
-        .encode(
-            &|m| text.template.render(m, true),
-            &text.tokenizer,
-            &job.messages,
-            &rendered,
-        )
-    else {
+    let Ok(plain) = text.plain.encode(
+        &|m| text.template.render(m, true),
+        &text.tokenizer,
+        &job.messages,
+        &rendered,
+    ) else {
         return;
     };
     let specials = |ids: &[u32]| ids.iter().filter(|&&id| id <= 2).count();
