@@ -75,6 +75,11 @@ def dims_from_config(config) -> Dims:
     layer = config.vision_feature_layer
     if not isinstance(layer, int):
         raise ValueError(f"vision_feature_layer {layer!r}: only a single layer index is supported")
+    return text_dims(text, vision.image_size, vision.patch_size, layer)
+
+
+def text_dims(text, image_size: int, patch_size: int, vision_feature_layer: int) -> Dims:
+    """Dims of the Llama config `text`, with the vision side's image and patch size (both layouts)."""
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return Dims(
         num_layers=text.num_hidden_layers,
@@ -84,9 +89,9 @@ def dims_from_config(config) -> Dims:
         hidden_size=text.hidden_size,
         vocab_size=text.vocab_size,
         max_context=text.max_position_embeddings,
-        image_size=vision.image_size,
-        patch_size=vision.patch_size,
-        vision_feature_layer=layer,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_feature_layer=vision_feature_layer,
     )
 
 

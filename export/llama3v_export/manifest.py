@@ -67,6 +67,22 @@ def model_section(dims) -> dict:
     }
 
 
+def provenance_section(
+    checkpoint: Checkpoint, opset: int, dtype: str, quantization: dict[str, Any] | None, **layout: str
+) -> dict[str, Any]:
+    """Where the export came from and what made it; `layout` adds layout-specific keys (both layouts)."""
+    return {
+        "source_checkpoint": str(checkpoint.path.resolve()),
+        **layout,
+        "exporter": f"llama3v-export {__version__}",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx_opset": opset,
+        "dtype": dtype,
+        "quantization": quantization["method"] if quantization else None,
+    }
+
+
 def generation_section(generation: dict) -> dict:
     """The sampling defaults of generation_config.json the runtime resolves requests against; unset ones are null."""
     return {k: generation.get(k) for k in ("temperature", "top_p", "top_k", "do_sample", "repetition_penalty")}
@@ -146,15 +162,7 @@ def build_manifest(
         "image": image_settings(checkpoint, dims),
         "text": text_settings(checkpoint),
         "generation": generation_section(generation),
-        "provenance": {
-            "source_checkpoint": str(checkpoint.path.resolve()),
-            "exporter": f"llama3v-export {__version__}",
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "onnx_opset": opset,
-            "dtype": dtype,
-            "quantization": quantization["method"] if quantization else None,
-        },
+        "provenance": provenance_section(checkpoint, opset, dtype, quantization),
     }
     if quantization is not None:
         manifest["quantization"] = quantization

@@ -37,13 +37,12 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from . import __version__
 from . import minicpmv as mcv
 from .checkpoint import Checkpoint, CheckpointError, _read_json, _require, find_chat_template, find_weights
 from .export_run import FLOAT_DTYPES, ExportResult, clear_results, progress_log
 from .fused import check_supported
 from .graph_export import export_all
-from .graphs import EXTERNAL_DATA_THRESHOLD, Dims, GraphSpec, TensorSpec, graph_specs
+from .graphs import EXTERNAL_DATA_THRESHOLD, Dims, GraphSpec, TensorSpec, graph_specs, text_dims
 from .lazy_model import lazy_language_model
 from .manifest import (
     FORMAT,
@@ -52,6 +51,7 @@ from .manifest import (
     generation_section,
     graph_entry,
     model_section,
+    provenance_section,
     text_settings,
     write_model_files,
 )
@@ -139,20 +139,8 @@ def load_minicpmv_checkpoint(path: Path) -> Checkpoint:
 
 def minicpmv_dims(text, settings: mcv.SliceSettings) -> Dims:
     """Dims of the Llama config `text` (2.5's config itself); the image size and patch are the nominal slice's."""
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return Dims(
-        num_layers=text.num_hidden_layers,
-        num_attention_heads=text.num_attention_heads,
-        num_kv_heads=text.num_key_value_heads,
-        head_dim=head_dim,
-        hidden_size=text.hidden_size,
-        vocab_size=text.vocab_size,
-        max_context=text.max_position_embeddings,
-        # The vision graph takes any slice size; these name the nominal one (scale_resolution) and the patch.
-        image_size=settings.scale_resolution,
-        patch_size=settings.patch_size,
-        vision_feature_layer=-1,
-    )
+    # The vision graph takes any slice size; these name the nominal one (scale_resolution) and the patch.
+    return text_dims(text, settings.scale_resolution, settings.patch_size, vision_feature_layer=-1)
 
 
 def vision_model(checkpoint: Checkpoint, weights: CheckpointWeights, dtype: torch.dtype) -> mcv.MiniCPMV:
@@ -532,15 +520,7 @@ def build_manifest(checkpoint, settings, dims, specs, files, dtype, opset, quant
         # 2.5's config is itself the Llama config (LLaVA nests it as text_config).
         "text": text_settings(replace(checkpoint, config={**checkpoint.config, "text_config": checkpoint.config})),
         "generation": generation_section(generation),
-        "provenance": {
-            "source_checkpoint": str(checkpoint.path.resolve()),
-            "source_layout": "MiniCPM-Llama3-V 2.5",
-            "exporter": f"llama3v-export {__version__}",
-            "torch": torch.__version__,
-            "onnx_opset": opset,
-            "dtype": dtype,
-            "quantization": quantization["method"] if quantization else None,
-        },
+        "provenance": provenance_section(checkpoint, opset, dtype, quantization, source_layout="MiniCPM-Llama3-V 2.5"),
     }
     if quantization is not None:
         manifest["quantization"] = quantization

@@ -158,8 +158,12 @@ def write_tokenizer_files(out: Path) -> None:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=converted, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, unk_token=PLACEHOLDER
     )
+    save_minicpmv_tokenizer(tokenizer, out)
+
+
+def save_minicpmv_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """Saves `tokenizer` as 2.5 ships it: the chat template inside tokenizer_config.json, not beside it."""
     tokenizer.save_pretrained(out)
-    # 2.5 keeps its template in tokenizer_config.json.
     (out / "chat_template.jinja").unlink(missing_ok=True)
     config_file = out / "tokenizer_config.json"
     config = json.loads(config_file.read_text())

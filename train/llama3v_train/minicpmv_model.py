@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from llama3v_export import minicpmv as mcv
-from llama3v_export.minicpmv_tiny import CHAT_TEMPLATE, MiniCPMVPreset, checkpoint_config
+from llama3v_export.minicpmv_tiny import CHAT_TEMPLATE, MiniCPMVPreset, checkpoint_config, save_minicpmv_tokenizer
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
@@ -100,14 +100,7 @@ def write_checkpoint(model: mcv.MiniCPMV, tok: PreTrainedTokenizerFast, out: Pat
         "max_new_tokens": 32,
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    tok.save_pretrained(out)
-    # 2.5 keeps its template in tokenizer_config.json.
-    (out / "chat_template.jinja").unlink(missing_ok=True)
-    config_file = out / "tokenizer_config.json"
-    settings = json.loads(config_file.read_text())
-    settings["chat_template"] = CHAT_TEMPLATE
-    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_file.write_text(json.dumps(settings, indent=2) + "\n")
+    save_minicpmv_tokenizer(tok, out)
 
 
 # --- Data: each image sliced once, slices kept as uint8 ---------------------------------------------------------
