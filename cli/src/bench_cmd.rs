@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// Requests each client sends one after another (with --concurrency)
     #[arg(long, default_value_t = 3)]
     pub requests_per_client: usize,
+    /// Every Nth request carries one image (with --concurrency); 0: text only, as the text-only
+    /// peers are measured
+    #[arg(long, default_value_t = 3)]
+    pub image_every: usize,
     /// Print the report as JSON on stdout (progress goes to stderr)
     #[arg(long)]
     pub json: bool,
@@ -116,6 +120,7 @@ fn run_concurrency(model: &llama3v::Model, args: &BenchArgs) -> Result<ExitCode>
             requests_per_client: args.requests_per_client,
             prompt_tokens: (args.prompt_tokens / 4, args.prompt_tokens),
             new_tokens: (args.new_tokens / 2, args.new_tokens * 3 / 2),
+            image_every: args.image_every,
             stagger: 2,
             seed: args.seed,
         };
@@ -133,7 +138,7 @@ fn run_concurrency(model: &llama3v::Model, args: &BenchArgs) -> Result<ExitCode>
             println!(
                 "concurrency {:>3}: {:>8.1} tokens/s aggregate ({} tokens, {} requests, {:.2} s), \
                  mean batch {:.1}, TTFT p50/p95 {:.1}/{:.1} ms, inter-token p50/p95 {:.1}/{:.1} ms, \
-                 peak RSS {} MiB",
+                 engine time vision/prefill/decode {:.1}/{:.1}/{:.1} s, peak RSS {} MiB",
                 concurrency,
                 report.aggregate_tokens_per_s,
                 report.generated_tokens,
@@ -144,6 +149,9 @@ fn run_concurrency(model: &llama3v::Model, args: &BenchArgs) -> Result<ExitCode>
                 report.ttft_ms.p95,
                 report.inter_token_ms.p50,
                 report.inter_token_ms.p95,
+                report.vision_s,
+                report.prefill_s,
+                report.decode_s,
                 opt_mib(report.peak_rss_bytes)
             );
         }

@@ -1,9 +1,10 @@
 //! The batch engine under concurrent load: `concurrency` clients each send requests one after another
 //! (a closed loop), starting a few engine iterations apart so arrivals are spread over time. The mix:
-//! random prompts of varied length, every third request with one random image, varied reply lengths
+//! random prompts of varied length, every third request (`image_every`) with one random image, varied reply lengths
 //! (stop ids ignored, so every reply has its planned length). Reports aggregate decode tokens/s, time
 //! to first token and inter-token latency percentiles, the batch sizes the engine ran and peak memory.
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,6 +34,8 @@ pub struct BatchBenchConfig {
     pub prompt_tokens: (usize, usize),
     /// Generated tokens per reply: uniform in this range.
     pub new_tokens: (usize, usize),
+    /// Every Nth request carries one image; 0: none.
+    pub image_every: usize,
     /// Engine iterations between two clients' first requests.
     pub stagger: usize,
     pub seed: u64,
@@ -57,7 +60,24 @@ pub struct BatchBenchReport {
     /// Mean sequences per decoder run.
     pub mean_batch: f64,
     pub decode_steps: usize,
+    /// Seconds the engine spent in vision, prefill and decode runs: prefill and vision are the same
+    /// work at any batch size, so `1 - their share` bounds what batching can gain.
+    pub vision_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// Mean decode step time by the number of rows it ran (a row count's steps, including sampling).
+    pub step_ms_by_rows: BTreeMap<usize, f64>,
     pub peak_rss_bytes: Option<u64>,
+}
+
+/// What the engine's decode steps did over a run.
+#[derive(Default)]
+struct Steps {
+    count: usize,
+    rows: usize,
+    gaps: Vec<Duration>,
+    /// Steps and their total time by row count.
+    by_rows: BTreeMap<usize, (usize, Duration)>,
 }
 
 #[derive(Clone, Default)]
@@ -103,7 +123,7 @@ impl Model {
         let total = clients * config.requests_per_client.max(1);
         let mut jobs = Vec::with_capacity(total);
         for i in 0..total {
-            let with_image = i % 3 == 0;
+            let with_image = config.image_every > 0 && i % config.image_every == 0;
             let text = rng.random_range(
                 config.prompt_tokens.0..=config.prompt_tokens.1.max(config.prompt_tokens.0),
             );
@@ -126,7 +146,7 @@ impl Model {
         }
         let widest = jobs.iter().map(|j| j.0.len() + j.3).max().unwrap_or(1);
         let done = Done::default();
-        let steps = Arc::new(Mutex::new((0_usize, 0_usize, Vec::<Duration>::new())));
+        let steps = Arc::new(Mutex::new(Steps::default()));
         let max_batch = config.max_batch.unwrap_or(clients).max(1);
         let mut engine = Engine::new(
             self,
@@ -138,9 +158,12 @@ impl Model {
         let seen = Arc::clone(&steps);
         engine.on_step(move |report| {
             let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
-            s.0 += 1;
-            s.1 += report.rows;
-            s.2.extend(&report.inter_token);
+            s.count += 1;
+            s.rows += report.rows;
+            s.gaps.extend(&report.inter_token);
+            let by_rows = s.by_rows.entry(report.rows).or_default();
+            by_rows.0 += 1;
+            by_rows.1 += report.step;
         });
 
         let start = Instant::now();
@@ -177,14 +200,14 @@ impl Model {
             iteration += 1;
         }
         let wall = start.elapsed();
+        let work = engine.work();
         drop(engine);
 
         let generations = std::mem::take(&mut *done.0.lock().unwrap_or_else(|p| p.into_inner()));
         let generated_tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
         let mut ttft: Vec<f64> = generations.iter().map(|g| g.timings.ttft_ms).collect();
-        let (decode_steps, rows, mut gaps) =
-            std::mem::take(&mut *steps.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut itl: Vec<f64> = gaps.drain(..).map(|d| d.as_secs_f64() * 1e3).collect();
+        let steps = std::mem::take(&mut *steps.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut itl: Vec<f64> = steps.gaps.iter().map(|d| d.as_secs_f64() * 1e3).collect();
         Ok(BatchBenchReport {
             config: config.clone(),
             requests: generations.len(),
@@ -193,8 +216,16 @@ impl Model {
             aggregate_tokens_per_s: generated_tokens as f64 / wall.as_secs_f64().max(1e-9),
             ttft_ms: percentiles(&mut ttft),
             inter_token_ms: percentiles(&mut itl),
-            mean_batch: rows as f64 / decode_steps.max(1) as f64,
-            decode_steps,
+            mean_batch: steps.rows as f64 / steps.count.max(1) as f64,
+            decode_steps: steps.count,
+            vision_s: work.vision.as_secs_f64(),
+            prefill_s: work.prefill.as_secs_f64(),
+            decode_s: work.decode.as_secs_f64(),
+            step_ms_by_rows: steps
+                .by_rows
+                .iter()
+                .map(|(&rows, &(count, total))| (rows, total.as_secs_f64() * 1e3 / count as f64))
+                .collect(),
             peak_rss_bytes: peak_rss_bytes(),
         })
     }

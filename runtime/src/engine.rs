@@ -6,16 +6,20 @@
 //! 1. Waiting requests whose client went away are dropped.
 //! 2. Admission: when no prompt is being prefilled, the oldest waiting request starts if the batch has
 //!    a free row (`max_batch`) and the KV budget holds it (below). Requests start in arrival order.
-//! 3. Prefill: the request being admitted gets its images through the vision graph and then at most
-//!    ONE chunk of its prompt (`prefill_chunk` tokens) through the decoder, batch 1. When its prompt is
-//!    done it samples its first token and joins the batch.
+//! 3. Prefill: the request being admitted gets its images through the vision graph; in a later
+//!    iteration (or the same one when nothing decodes) ONE chunk of its prompt goes through the
+//!    decoder, batch 1. When its prompt is done it samples its first token and joins the batch.
 //! 4. Decode: one decoder run over every row, one new position each; sequences that finish (stop id,
 //!    stop string, token budget) or are cancelled leave the batch at once.
 //!
-//! The policy's trade-off: a running stream waits at most one prefill chunk (plus a new request's
-//! vision run) between two of its tokens, so a smaller chunk keeps inter-token latency low while a
-//! long prompt takes more iterations to reach its first token. `prefill_chunk = 0` prefills a prompt
-//! in one run: the best time to first token, the longest stall for the others.
+//! How big a prefill chunk is: while nothing decodes, `decode.prefill_chunk` tokens (512; the
+//! prompt's first token comes soonest). While rows decode, the iteration has a budget of
+//! `decode.step_tokens` positions (256): the rows take one each and the chunk gets the rest, at least
+//! [`MIN_STEP_PREFILL`] so a prompt always advances. A vision run is an iteration's whole prefill work.
+//! The trade-off: a running stream waits at most one budget's chunk (or one request's vision run)
+//! between two of its tokens, so a smaller budget keeps inter-token latency low while a long prompt
+//! takes more iterations to reach its first token; docs/PERFORMANCE.md ("prefill between decode
+//! steps") has the measured curve. `step_tokens = 0` runs whole `prefill_chunk`s between steps.
 //!
 //! KV budget: the engine holds at most `kv_budget` cached positions over all rows. Both cache layouts
 //! allocate every row as wide as the widest need (prompt + max new tokens) among the rows, so a request
@@ -30,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use crate::decode::{bytes_per_position, new_batch, KvBatch, Prefill};
 use crate::embed::embed_tokens;
+use crate::ep_config::MIN_STEP_PREFILL;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
@@ -117,6 +122,15 @@ pub struct EngineStats {
     pub max_batch: usize,
 }
 
+/// Time the engine spent in each kind of graph run since it started: where a workload's time goes
+/// (prefill and vision are work no batching shares out).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WorkTimes {
+    pub vision: Duration,
+    pub prefill: Duration,
+    pub decode: Duration,
+}
+
 struct Prefilling<'t, S> {
     sequence: Sequence<'t, S>,
     embeds: Vec<f32>,
@@ -151,6 +165,7 @@ pub struct Engine<'m, S> {
     logits: Vec<f32>,
     on_step: Option<StepObserver<'m>>,
     published: Option<Arc<Mutex<EngineStats>>>,
+    work: WorkTimes,
 }
 
 impl<'m, S: Sink> Engine<'m, S> {
@@ -173,6 +188,7 @@ impl<'m, S: Sink> Engine<'m, S> {
             logits: Vec::new(),
             on_step: None,
             published: None,
+            work: WorkTimes::default(),
         }
     }
 
@@ -220,13 +236,18 @@ impl<'m, S: Sink> Engine<'m, S> {
         }
     }
 
+    /// Time spent in vision, prefill and decode runs so far.
+    pub fn work(&self) -> WorkTimes {
+        self.work
+    }
+
     /// One scheduling iteration (module notes).
     pub fn iterate(&mut self) {
         self.drop_cancelled();
-        if self.prefilling.is_none() {
-            self.admit();
-        }
-        if self.prefilling.is_some() {
+        let ran_vision = self.prefilling.is_none() && self.admit();
+        // A vision run is the iteration's prefill work while rows wait for their next token.
+        let chunk_too = !ran_vision || self.running.is_empty();
+        if chunk_too && self.prefilling.is_some() {
             self.prefill_chunk();
         }
         if !self.running.is_empty() {
@@ -307,16 +328,16 @@ impl<'m, S: Sink> Engine<'m, S> {
     }
 
     /// Starts the oldest waiting request if it fits: its images through the vision graph, its prompt
-    /// embedded.
-    fn admit(&mut self) {
+    /// embedded. Whether a vision run took place.
+    fn admit(&mut self) -> bool {
         let Some(front) = self.waiting.front() else {
-            return;
+            return false;
         };
         if !self.fits(front.kv_need()) {
-            return;
+            return false;
         }
         let Some(job) = self.waiting.pop_front() else {
-            return;
+            return false;
         };
         let prompt = job.prompt.clone();
         let Admitted {
@@ -328,17 +349,17 @@ impl<'m, S: Sink> Engine<'m, S> {
             Ok(admitted) => admitted,
             Err((sink, err)) => {
                 self.publish();
-                return sink.finish(Err(err));
+                sink.finish(Err(err));
+                return false;
             }
         };
         let sessions = &self.model.sessions;
         let started = Instant::now();
-        let embeds = (|| {
-            let t = Instant::now();
-            let features = sessions.image_features(&pixels, images)?;
-            sequence.timings.vision_ms = ms(t.elapsed());
-            sessions.prompt_embeddings(&prompt, &features)
-        })();
+        let features = sessions.image_features(&pixels, images);
+        let vision = started.elapsed();
+        sequence.timings.vision_ms = ms(vision);
+        self.work.vision += vision;
+        let embeds = features.and_then(|features| sessions.prompt_embeddings(&prompt, &features));
         match embeds {
             Ok(embeds) => {
                 self.prefilling = Some(Prefilling {
@@ -358,6 +379,17 @@ impl<'m, S: Sink> Engine<'m, S> {
                 sequence.sink.finish(Err(err))
             }
         }
+        images > 0
+    }
+
+    fn chunk_tokens(&self, remaining: usize) -> usize {
+        let sessions = &self.model.sessions;
+        chunk_tokens(
+            remaining,
+            sessions.prefill_chunk(),
+            sessions.step_tokens(),
+            self.running.len(),
+        )
     }
 
     /// One chunk of the admitted prompt; when the prompt is done, its first token, and the sequence
@@ -372,18 +404,16 @@ impl<'m, S: Sink> Engine<'m, S> {
         }
         let hidden = self.model.manifest.model.hidden_size;
         let rows = p.embeds.len() / hidden.max(1);
-        let chunk = match self.model.sessions.prefill_chunk() {
-            0 => rows,
-            chunk => chunk,
-        };
-        let end = rows.min(p.done + chunk);
+        let end = p.done + self.chunk_tokens(rows - p.done);
         let decoder = &self.model.sessions.decoder;
+        let started = Instant::now();
         let run = p.prefill.run(
             decoder,
             &p.embeds[p.done * hidden..end * hidden],
             end - p.done,
             &mut self.logits,
         );
+        self.work.prefill += started.elapsed();
         if let Err(err) = run {
             self.publish();
             return p.sequence.sink.finish(Err(err));
@@ -441,6 +471,7 @@ impl<'m, S: Sink> Engine<'m, S> {
             self.batch
                 .step(&sessions.decoder, &embeds, &mut self.logits)
         });
+        self.work.decode += started.elapsed();
         if let Err(err) = run {
             // The batch's cache is as it was before the run, but its sequences cannot go on.
             for row in (0..self.running.len()).rev() {
@@ -496,6 +527,26 @@ impl<'m, S: Sink> Engine<'m, S> {
             on_step(&report);
         }
     }
+}
+
+/// Prompt tokens for the next prefill chunk of a prompt with `remaining` tokens left: a whole
+/// `prefill_chunk` (0: all of them) while nothing decodes, otherwise what the step budget leaves
+/// beside the `decoding` rows, at least [`MIN_STEP_PREFILL`] (module notes). Never more than
+/// `remaining`.
+fn chunk_tokens(
+    remaining: usize,
+    prefill_chunk: usize,
+    step_tokens: usize,
+    decoding: usize,
+) -> usize {
+    let whole = match prefill_chunk {
+        0 => remaining,
+        chunk => chunk.min(remaining),
+    };
+    if step_tokens == 0 || decoding == 0 {
+        return whole;
+    }
+    whole.min(step_tokens.saturating_sub(decoding).max(MIN_STEP_PREFILL))
 }
 
 /// The engine on a thread of its own, for a server: ONNX Runtime's runs are synchronous, so request
@@ -573,5 +624,40 @@ impl Drop for EngineThread {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_tokens;
+    use crate::ep_config::MIN_STEP_PREFILL;
+
+    #[test]
+    fn a_whole_chunk_while_nothing_decodes() {
+        assert_eq!(chunk_tokens(1000, 512, 256, 0), 512);
+        assert_eq!(chunk_tokens(300, 512, 256, 0), 300);
+        assert_eq!(chunk_tokens(1000, 0, 256, 0), 1000);
+    }
+
+    #[test]
+    fn the_step_budget_shares_an_iteration_with_the_decoding_rows() {
+        assert_eq!(chunk_tokens(1000, 512, 256, 6), 250);
+        assert_eq!(chunk_tokens(1000, 0, 256, 6), 250);
+        assert_eq!(chunk_tokens(100, 512, 256, 6), 100);
+        // A budget smaller than the chunk limit only ever shrinks a chunk.
+        assert_eq!(chunk_tokens(1000, 64, 256, 6), 64);
+    }
+
+    #[test]
+    fn a_prompt_always_advances() {
+        assert_eq!(chunk_tokens(1000, 512, 256, 255), MIN_STEP_PREFILL);
+        assert_eq!(chunk_tokens(1000, 512, 8, 64), MIN_STEP_PREFILL);
+        assert_eq!(chunk_tokens(3, 512, 8, 64), 3);
+    }
+
+    #[test]
+    fn no_budget_runs_whole_chunks_between_steps() {
+        assert_eq!(chunk_tokens(1000, 512, 0, 16), 512);
+        assert_eq!(chunk_tokens(1000, 0, 0, 16), 1000);
     }
 }

@@ -94,6 +94,11 @@ pub const KEYS: &[(&str, &str)] = &[
         "decode.prefill_chunk",
         "the most prompt tokens in one decoder run, 0 for the whole prompt in one run (default 512)",
     ),
+    (
+        "decode.step_tokens",
+        "the batch engine's positions per iteration while sequences decode: the decoding rows plus a \
+         prefill chunk of the rest (at least 16), 0 for a whole prefill_chunk (default 256)",
+    ),
 ];
 
 const MIN_BYTES: u64 = 1 << 20;
@@ -170,12 +175,19 @@ pub struct DecodeOptions {
     /// batch engine runs one such chunk between two decode steps of the running sequences. `0`: the
     /// whole prompt in one run.
     pub prefill_chunk: usize,
+    /// The batch engine's token budget per iteration while sequences decode: the decoding rows (one
+    /// position each) plus a prefill chunk of what is left, never fewer than [`MIN_STEP_PREFILL`]
+    /// tokens so a prompt always advances. It bounds how long a running stream waits between two
+    /// tokens; a prompt that arrives while nothing decodes takes whole `prefill_chunk` runs. `0`: no
+    /// budget, a whole `prefill_chunk` between two decode steps.
+    pub step_tokens: usize,
 }
 
 impl Default for DecodeOptions {
     fn default() -> Self {
         DecodeOptions {
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            step_tokens: DEFAULT_STEP_TOKENS,
         }
     }
 }
@@ -208,6 +220,11 @@ impl Default for RequestLimits {
 /// 857-token prompt and faster for 2014 tokens, with a third of the activation memory at 2014 tokens
 /// (docs/PERFORMANCE.md, run 5).
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+/// See [`DecodeOptions::step_tokens`]; chosen from the measured trade-off in docs/PERFORMANCE.md
+/// ("prefill between decode steps").
+pub const DEFAULT_STEP_TOKENS: usize = 256;
+/// The smallest prefill chunk the engine runs beside decoding rows, whatever the step budget.
+pub const MIN_STEP_PREFILL: usize = 16;
 
 /// Sequences decoded together unless configured: on a memory-bound decoder a batch of 8 costs little
 /// more per step than one sequence (docs/PERFORMANCE.md).
@@ -425,6 +442,10 @@ impl EpOptions {
             }
             "decode.prefill_chunk" => {
                 self.decode.prefill_chunk =
+                    as_int(value, 0, i64::from(u32::MAX)).ok_or_else(bad)? as usize
+            }
+            "decode.step_tokens" => {
+                self.decode.step_tokens =
                     as_int(value, 0, i64::from(u32::MAX)).ok_or_else(bad)? as usize
             }
             _ => return Err(bad()),
@@ -679,6 +700,7 @@ mod tests {
             "limits.opt_context=512",
             "limits.max_batch=16",
             "decode.prefill_chunk=256",
+            "decode.step_tokens=64",
             "cpu.arena=false",
             "cpu.prepack_weights=no",
         ] {
@@ -714,6 +736,7 @@ mod tests {
             }
         );
         assert_eq!(o.decode.prefill_chunk, 256);
+        assert_eq!(o.decode.step_tokens, 64);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::decode::{new_batch, KvBatch, Prefill};
 use crate::embed::embed_tokens;
-use crate::ep_config::ResolvedLimits;
+use crate::ep_config::{DecodeOptions, ResolvedLimits};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, SessionOptions};
 use crate::manifest::{
@@ -52,8 +52,8 @@ pub struct Sessions {
     image: ImageSettings,
     flavour: DecoderFlavour,
     layout: Layout,
-    /// Most prompt tokens per decoder run in prefill; 0: the whole prompt in one run.
-    prefill_chunk: usize,
+    /// Prefill chunk and the engine's step budget.
+    decode: DecodeOptions,
 }
 
 impl Model {
@@ -76,7 +76,7 @@ impl Model {
             dims: manifest.model.clone(),
             image: manifest.image.clone(),
             layout: manifest.layout,
-            prefill_chunk: options.session.ep.decode.prefill_chunk,
+            decode: options.session.ep.decode,
         };
         // Session creation frees its copies of the graphs and weights (see `heap`).
         crate::heap::release_free_heap();
@@ -241,7 +241,7 @@ impl Sessions {
             )));
         }
         let hidden = embeds.len() / seq;
-        let chunk = match self.prefill_chunk {
+        let chunk = match self.decode.prefill_chunk {
             0 => seq,
             chunk => chunk,
         };
@@ -267,7 +267,13 @@ impl Sessions {
 
     /// Most prompt tokens per prefill run (`decode.prefill_chunk`); 0: the whole prompt in one run.
     pub fn prefill_chunk(&self) -> usize {
-        self.prefill_chunk
+        self.decode.prefill_chunk
+    }
+
+    /// The batch engine's positions per iteration while sequences decode (`decode.step_tokens`);
+    /// 0: no budget.
+    pub fn step_tokens(&self) -> usize {
+        self.decode.step_tokens
     }
 
     /// The decoder's flavour, which decides the cache layout ([`crate::decode`]).
