@@ -108,7 +108,7 @@ class GraphBuilder:
         n = sum(self.weights.shape(s)[0] for s in sources)
         if self.int4 is None:
             dtype = np.dtype(self.numpy_float)
-            self.initializers.append(self.data.add_transposed(weight, (k, n), dtype, self._row_blocks(sources)))
+            self.initializers.append(self.data.add_transposed(weight, (k, n), dtype, self._column_blocks(sources)))
             return self.node("MatMul", [x, weight], [output], name)[0]
         packed, scales = self._quantized(weight, sources, k, n)
         attrs = {"K": k, "N": n, "bits": 4, "block_size": self.int4.block_size}
@@ -116,12 +116,14 @@ class GraphBuilder:
             attrs["accuracy_level"] = self.int4.accuracy_level
         return self.node("MatMulNBits", [x, packed, scales], [output], f"{name}_Q4", CONTRIB_DOMAIN, **attrs)[0]
 
-    def _row_blocks(self, sources: Sequence[str]) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, rows) of `cat(sources, 0)` in the graph's float dtype, slice by slice."""
+    def _column_blocks(self, sources: Sequence[str]) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, those rows transposed) of `cat(sources, 0)` in the graph's float dtype, slice by slice.
+        torch transposes: numpy's transposing copy took 0.72 s for one Llama-3-8B down_proj in fp16, torch's
+        0.15 s, which was most of a full-size export's time (docs/PERFORMANCE.md, "The real model, measured")."""
         first = 0
         for source in sources:
             for rows in self.weights.row_slices(source, TORCH_FLOAT[self.float_dtype]):
-                yield first, rows.numpy()
+                yield first, rows.t().contiguous().numpy()
                 first += rows.shape[0]
 
     def _quantized(self, weight: str, sources: Sequence[str], k: int, n: int) -> tuple[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -14,19 +13,12 @@ from tokenizers import Tokenizer
 
 from . import __version__
 from .checkpoint import PIL_RESAMPLE, Checkpoint, CheckpointError
+from .digest import sha256
 from .graphs import Dims, GraphSpec
 
 FORMAT = "llama3v-model"
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def graph_entry(spec: GraphSpec, files: list[Path]) -> dict[str, Any]:

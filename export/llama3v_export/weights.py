@@ -23,6 +23,7 @@ from onnx import TensorProto
 from safetensors import safe_open
 
 from .checkpoint import CheckpointError
+from .digest import TrailingDigest
 
 # Slices read, converted and written at a time: bounds the working set of every weight, the LM head's included.
 SLICE_BYTES = 64 * 2**20
@@ -137,6 +138,7 @@ class ExternalData:
         self.path = path
         self.written = 0
         self._file = path.open("wb")
+        self._digest = TrailingDigest(path)
         self._progress = progress
 
     def add(self, name: str, shape: Sequence[int], dtype: np.dtype, slices: Iterable[np.ndarray]) -> TensorProto:
@@ -153,15 +155,16 @@ class ExternalData:
         if length != expected:
             raise AssertionError(f"{name}: wrote {length} bytes, shape {list(shape)} needs {expected}")
         self.written += length
+        self._finished()
         if self._progress is not None:
             self._progress(self.written)
         return self._reference(name, shape, dtype, offset, length)
 
     def add_transposed(
-        self, name: str, shape: Sequence[int], dtype: np.dtype, row_blocks: Iterable[tuple[int, np.ndarray]]
+        self, name: str, shape: Sequence[int], dtype: np.dtype, column_blocks: Iterable[tuple[int, np.ndarray]]
     ) -> TensorProto:
-        """Append `[K, N]` as tensor `name` from blocks `(n0, rows)` of its transpose (`rows` `[nb, K]`, rows n0..
-        of the Linear weights `[N, K]`): each block is transposed in memory and written as columns n0..n0+nb of
+        """Append `[K, N]` as tensor `name` from blocks `(n0, columns)` (`columns` `[K, nb]`, C order: rows n0..
+        of the Linear weights `[N, K]`, transposed in memory by the caller), each written as columns n0..n0+nb of
         every output row. Reading the checkpoint by rows keeps each read contiguous; a band of columns from
         safetensors reads the whole tensor (the LM head: +1 GiB resident and 2 minutes in the first version)."""
         k, n = shape
@@ -172,15 +175,16 @@ class ExternalData:
         length = k * n * itemsize
         fd = self._file.fileno()
         covered = 0
-        for n0, rows in row_blocks:
-            columns = np.ascontiguousarray(rows.T, dtype=dtype)
+        for n0, block in column_blocks:
+            columns = np.ascontiguousarray(block, dtype=dtype)
             for row in range(k):
                 os.pwrite(fd, columns[row].data, offset + (row * n + n0) * itemsize)
-            covered += rows.shape[0]
+            covered += columns.shape[1]
         if covered != n:
             raise AssertionError(f"{name}: wrote {covered} of {n} columns")
         self._file.seek(offset + length)
         self.written = offset + length
+        self._finished()
         if self._progress is not None:
             self._progress(self.written)
         return self._reference(name, shape, dtype, offset, length)
@@ -193,8 +197,14 @@ class ExternalData:
             entry.key, entry.value = key, value
         return tensor
 
+    def _finished(self) -> None:
+        """The bytes so far are final: the digest thread may hash them."""
+        self._file.flush()
+        self._digest.finished(self.written)
+
     def close(self) -> None:
         self._file.close()
+        self._digest.close()
 
 
 class Progress:
