@@ -48,5 +48,7 @@ def _resident() -> str:
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     except OSError:
         return "memory n/a"
-    gib = {k: int(status[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM")}
-    return f"RSS {gib['VmRSS']:.2f} GiB, peak {gib['VmHWM']:.2f} GiB"
+    gib = {k: int(status[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM", "RssFile") if k in status}
+    # File-backed pages (mapped weights) count in the resident total but go back to the page cache under pressure.
+    mapped = f" ({gib['RssFile']:.2f} mapped)" if "RssFile" in gib else ""
+    return f"RSS {gib['VmRSS']:.2f} GiB{mapped}, peak {gib['VmHWM']:.2f} GiB"

@@ -27,6 +27,7 @@ from safetensors.numpy import load_file
 from transformers import DynamicCache, GenerationConfig, LlavaForConditionalGeneration
 
 from .graphs import Dims, GraphSpec, dummy_inputs
+from .heap import release_free_heap
 from .quantize import QUANTIZED_GRAPHS
 
 FP32_ABS_TOLERANCE = 1e-4
@@ -237,6 +238,7 @@ def validate_graphs(
                    for _, _, inputs in cases]  # fmt: skip
         shared = _shared_buffer_runs(runner, spec, dims, dtype) if graph == "decoder" and decoder != "plain" else None
         del runner
+        release_free_heap()
         for (case, sizes, inputs), got in zip(cases, outputs, strict=True):
             want = _torch_reference(reference, dims, graph, inputs)
             for tensor, g, w in zip(spec.outputs, got, want, strict=True):
@@ -253,6 +255,7 @@ def validate_graphs(
             for result in _shared_buffer_compare(shared, spec, reference, dims, dtype, graph_quant):
                 log(result.line())
                 comparisons.append(result)
+        release_free_heap()
     raise_on_failure(comparisons)
     return comparisons
 
