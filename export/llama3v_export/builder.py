@@ -23,6 +23,8 @@ from .graphs import EXTERNAL_DATA_THRESHOLD, GraphSpec
 from .weights import NUMPY_FLOAT, TORCH_FLOAT, CheckpointWeights, ExternalData, Progress
 
 CONTRIB_DOMAIN = "com.microsoft"
+# Vocabulary rows per band of an fp16 LM head (`GraphBuilder.lm_head`): 0.25 GiB when widened to fp32 at hidden 4096.
+LM_HEAD_BAND_ROWS = 16384
 ONNX_FLOAT = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
@@ -116,15 +118,35 @@ class GraphBuilder:
             attrs["accuracy_level"] = self.int4.accuracy_level
         return self.node("MatMulNBits", [x, packed, scales], [output], f"{name}_Q4", CONTRIB_DOMAIN, **attrs)[0]
 
-    def _column_blocks(self, sources: Sequence[str]) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, those rows transposed) of `cat(sources, 0)` in the graph's float dtype, slice by slice.
+    def lm_head(self, x: str, output: str, source: str) -> str:
+        """`x @ source.T`, the LM head. An fp16 graph's is split into bands of LM_HEAD_BAND_ROWS output columns
+        joined by a Concat: ONNX Runtime's CPU provider has no fp16 MatMul and widens each fp16 weight to fp32 as
+        its node runs, so one band at a time is widened (0.25 GiB at Llama-3-8B) instead of the whole head (1.96
+        GiB, which put an fp16 export's validation over its memory bound; docs/PERFORMANCE.md, "Export memory").
+        The bands compute the same dot products; CUDA and TensorRT run them as they run one MatMul."""
+        n, k = self.weights.shape(source)
+        if self.int4 is not None or self.float_dtype != "float16" or n <= LM_HEAD_BAND_ROWS:
+            return self.linear(x, output, "lm_head", "lm_head.weight", [source])
+        dtype = np.dtype(self.numpy_float)
+        bands = []
+        for band, start in enumerate(range(0, n, LM_HEAD_BAND_ROWS)):
+            stop = min(start + LM_HEAD_BAND_ROWS, n)
+            weight = f"lm_head.weight.band{band}"
+            blocks = self._column_blocks([source], rows=range(start, stop))
+            self.initializers.append(self.data.add_transposed(weight, (k, stop - start), dtype, blocks))
+            bands.append(self.node("MatMul", [x, weight], [f"lm_head.band{band}"], f"lm_head.band{band}")[0])
+        return self.node("Concat", bands, [output], "lm_head", axis=-1)[0]
+
+    def _column_blocks(self, sources: Sequence[str], rows: range | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, those rows transposed) of `cat(sources, 0)` (of `rows` of each source when given) in the
+        graph's float dtype, slice by slice.
         torch transposes: numpy's transposing copy took 0.72 s for one Llama-3-8B down_proj in fp16, torch's
         0.15 s, which was most of a full-size export's time (docs/PERFORMANCE.md, "The real model, measured")."""
         first = 0
         for source in sources:
-            for rows in self.weights.row_slices(source, TORCH_FLOAT[self.float_dtype]):
-                yield first, rows.t().contiguous().numpy()
-                first += rows.shape[0]
+            for block in self.weights.row_slices(source, TORCH_FLOAT[self.float_dtype], rows):
+                yield first, block.t().contiguous().numpy()
+                first += block.shape[0]
 
     def _quantized(self, weight: str, sources: Sequence[str], k: int, n: int) -> tuple[str, str]:
         """The 4-bit blocks of `[K, N]` written slice by slice of output columns (blocks run along K within one

@@ -190,6 +190,6 @@ def build_fused_decoder(
         domain=CONTRIB_DOMAIN,
         epsilon=eps,
     )
-    b.linear("final_norm", spec.outputs[0].name, "lm_head", "lm_head.weight", ["lm_head.weight"])
+    b.lm_head("final_norm", spec.outputs[0].name, "lm_head.weight")
     b.progress.step("LM head")
     return b.finish("llama3v_decoder_fused", external_data)

@@ -227,6 +227,6 @@ def build_plain_decoder(
     last = b.one("Slice", [hidden, ops.ints("last/start", [-1]), ops.ints("last/end", [np.iinfo(np.int64).max]),
                            ops.ints("last/axis", [1])], "last/hidden")  # fmt: skip
     norm = ops.rms_norm(last, b.weight("norm.weight", f"{LANGUAGE}.norm.weight"), "norm", eps)
-    b.linear(norm, spec.outputs[0].name, "lm_head", "lm_head.weight", ["lm_head.weight"])
+    b.lm_head(norm, spec.outputs[0].name, "lm_head.weight")
     b.progress.step("LM head")
     return b.finish("llama3v_decoder", external_data)

@@ -121,13 +121,14 @@ class CheckpointWeights:
         with self._slice(name) as s:
             return s[start:stop].to(dtype)
 
-    def row_slices(self, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """The tensor in `dtype`, in slices of whole rows of about SLICE_BYTES each."""
+    def row_slices(self, name: str, dtype: torch.dtype, rows: range | None = None) -> Iterator[torch.Tensor]:
+        """The tensor (its `rows`, when given) in `dtype`, in slices of whole rows of about SLICE_BYTES each."""
         shape = self.shape(name)
+        rows = rows if rows is not None else range(shape[0])
         row_bytes = max(int(np.prod(shape[1:])), 1) * 4
         step = max(1, SLICE_BYTES // row_bytes)
-        for start in range(0, shape[0], step):
-            yield self.rows(name, start, min(start + step, shape[0]), dtype)
+        for start in range(rows.start, rows.stop, step):
+            yield self.rows(name, start, min(start + step, rows.stop), dtype)
 
 
 class ExternalData:
