@@ -80,13 +80,10 @@ pub fn run(args: &GenerateArgs) -> Result<ExitCode> {
             verify_hashes: false,
         },
     )?;
-    let images = load_images(
-        encoded,
-        &decode_limits,
-        &request_limits,
-        manifest.image_size(),
-        &mut || Ok(()),
-    )?;
+    let checked = request_limits.check_images(encoded, &decode_limits)?;
+    let images = load_images(checked, &decode_limits, manifest.image_size(), &mut || {
+        Ok(())
+    })?;
     let model = args.model.load()?;
     check_image_count(&model, images.len())?;
     let sampling = resolve_sampling(

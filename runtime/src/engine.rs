@@ -120,11 +120,13 @@ pub struct EngineStats {
     pub kv_budget: usize,
     pub kv_bytes_per_position: usize,
     pub max_batch: usize,
+    /// Time in vision, prefill and decode runs since the engine started.
+    pub work: WorkTimes,
 }
 
 /// Time the engine spent in each kind of graph run since it started: where a workload's time goes
 /// (prefill and vision are work no batching shares out).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WorkTimes {
     pub vision: Duration,
     pub prefill: Duration,
@@ -233,6 +235,7 @@ impl<'m, S: Sink> Engine<'m, S> {
             kv_budget: self.config.kv_budget,
             kv_bytes_per_position: bytes_per_position(&model.model, model.float_dtype()),
             max_batch: self.config.max_batch,
+            work: self.work,
         }
     }
 

@@ -68,19 +68,19 @@ impl RequestLimits {
     }
 
     /// Refuses a request's images when their headers claim more than `max_request_pixels` together
-    /// (or a header breaks a per-image bound of `decode`); nothing is decoded. Gives each image's
-    /// (width, height).
+    /// (or a header breaks a per-image bound of `decode`); nothing is decoded. What passes is what
+    /// [`load_images`] decodes, so every header is read once.
     pub fn check_images(
         &self,
-        encoded: &[EncodedImage],
+        encoded: Vec<EncodedImage>,
         decode: &DecodeLimits,
-    ) -> Result<Vec<(u32, u32)>> {
+    ) -> Result<CheckedImages> {
         let dims = encoded
             .iter()
             .map(|image| image_dimensions(&image.bytes, &image.name, decode))
             .collect::<Result<Vec<_>>>()?;
         self.check_pixels(&dims)?;
-        Ok(dims)
+        Ok(CheckedImages { encoded, dims })
     }
 
     /// Refuses images whose headers claim more than `max_request_pixels` together.
@@ -113,21 +113,33 @@ impl std::fmt::Debug for EncodedImage {
     }
 }
 
-/// A request's encoded images -> decoded images, in order: every header is checked against
-/// `limits.max_request_pixels` first, then each image is decoded in turn (resized to `size`, the
-/// model's (width, height), when given: [`crate::manifest::Manifest::image_size`]) and its encoded bytes
-/// dropped. `on_image` runs after each image (a server checks there whether its client is still
-/// waiting) and may stop the work with an error.
-pub fn load_images(
+/// A request's encoded images whose headers passed [`RequestLimits::check_images`], with the size
+/// each header claims.
+#[derive(Debug)]
+pub struct CheckedImages {
     encoded: Vec<EncodedImage>,
+    dims: Vec<(u32, u32)>,
+}
+
+impl CheckedImages {
+    /// Each image's (width, height), from its header.
+    pub fn dims(&self) -> &[(u32, u32)] {
+        &self.dims
+    }
+}
+
+/// A request's checked images -> decoded images, in order: each image is decoded in turn (resized
+/// to `size`, the model's (width, height), when given: [`crate::manifest::Manifest::image_size`]) and
+/// its encoded bytes dropped. `on_image` runs after each image (a server checks there whether its
+/// client is still waiting) and may stop the work with an error.
+pub fn load_images(
+    checked: CheckedImages,
     decode: &DecodeLimits,
-    limits: &RequestLimits,
     size: Option<(u32, u32)>,
     on_image: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Vec<RgbImage>> {
-    limits.check_images(&encoded, decode)?;
-    let mut images = Vec::with_capacity(encoded.len());
-    for image in encoded {
+    let mut images = Vec::with_capacity(checked.encoded.len());
+    for image in checked.encoded {
         images.push(match size {
             Some(size) => decode_image_resized(
                 &image.bytes,
@@ -208,14 +220,7 @@ mod tests {
             max_request_pixels: 1000 * 1000,
             ..RequestLimits::default()
         };
-        let err = load_images(
-            encoded,
-            &DecodeLimits::default(),
-            &limits,
-            Some((64, 64)),
-            &mut || Ok(()),
-        )
-        .err();
+        let err = limits.check_images(encoded, &DecodeLimits::default()).err();
         assert!(
             matches!(
                 err,

@@ -109,6 +109,9 @@ def test_serve_decodes_concurrent_requests_together(tiny_models):
     assert metric(text, "llama3v_sequences_decoding") == 0
     assert metric(text, "llama3v_kv_budget_bytes") > 0
     assert metric(text, "llama3v_inter_token_latency_seconds_count") > 0
+    phases = {p: metric(text, f'llama3v_engine_seconds_total{{phase="{p}"}}') for p in ("vision", "prefill", "decode")}
+    print(f"engine seconds by phase: {phases}")
+    assert all(seconds > 0 for seconds in phases.values()), phases
 
 
 def test_serve_kv_budget_queues_what_does_not_fit_and_refuses_what_never_can(tiny_models):

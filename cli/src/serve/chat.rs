@@ -160,12 +160,12 @@ fn prepare(state: &AppState, model: &Model, job: Job, sink: ReplySink) {
         // Headers against the pixel budget first; then room in the decode memory budget for the
         // costlier of decoding the largest image and tokenizing the text (waiting for it, as long as
         // the client does); then one image at a time (at the model's size where it has one).
-        let dims = state
+        let checked = state
             .limits
             .request
-            .check_images(&encoded, &state.images.limits)?;
+            .check_images(encoded, &state.images.limits)?;
         let cost = decode_cost(
-            &dims,
+            checked.dims(),
             prompt_text_bytes(&job.messages),
             model.manifest.image_size().is_none(),
         );
@@ -174,9 +174,8 @@ fn prepare(state: &AppState, model: &Model, job: Job, sink: ReplySink) {
             .reserve_blocking(cost, MEMORY_POLL, || sink.is_cancelled())
             .ok_or_else(gone)?;
         let images = load_images(
-            encoded,
+            checked,
             &state.images.limits,
-            &state.limits.request,
             model.manifest.image_size(),
             &mut || {
                 if sink.is_cancelled() {

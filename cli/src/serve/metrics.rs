@@ -303,7 +303,7 @@ impl Metrics {
 }
 
 /// The batch engine's gauges: sequences by stage, the batch's capacity and its KV cache against the
-/// budget.
+/// budget; and its time by phase.
 fn engine_gauges(out: &mut String, engine: &EngineStats) {
     single(
         out,
@@ -341,6 +341,25 @@ fn engine_gauges(out: &mut String, engine: &EngineStats) {
         "KV cache budget (--kv-budget positions).",
         engine.kv_budget * bytes,
     );
+    header(
+        out,
+        "llama3v_engine_seconds_total",
+        "counter",
+        "Time the engine spent in graph runs, by phase. Vision and prefill are the same work at any \
+         batch size: a server whose time goes mostly there gains little from a larger --max-batch.",
+    );
+    let work = &engine.work;
+    for (phase, time) in [
+        ("vision", work.vision),
+        ("prefill", work.prefill),
+        ("decode", work.decode),
+    ] {
+        let _ = writeln!(
+            out,
+            "llama3v_engine_seconds_total{{phase=\"{phase}\"}} {}",
+            time.as_secs_f64()
+        );
+    }
 }
 
 /// A metric's `# HELP` and `# TYPE` lines.
