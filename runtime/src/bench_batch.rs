@@ -1,8 +1,9 @@
 //! The batch engine under concurrent load: `concurrency` clients each send requests one after another
 //! (a closed loop), starting a few engine iterations apart so arrivals are spread over time. The mix:
-//! random prompts of varied length, every third request (`image_every`) with one random image, varied reply lengths
-//! (stop ids ignored, so every reply has its planned length). Reports aggregate decode tokens/s, time
-//! to first token and inter-token latency percentiles, the batch sizes the engine ran and peak memory.
+//! random prompts of varied length, every third request (`image_every`) with one random image, varied
+//! reply lengths (stop ids ignored, so every reply has its planned length). Reports aggregate decode
+//! tokens/s, time to first token and inter-token latency percentiles, the batch sizes the engine ran
+//! and peak memory.
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -73,8 +74,6 @@ pub struct BatchBenchReport {
 /// What the engine's decode steps did over a run.
 #[derive(Default)]
 struct Steps {
-    count: usize,
-    rows: usize,
     gaps: Vec<Duration>,
     /// Steps and their total time by row count.
     by_rows: BTreeMap<usize, (usize, Duration)>,
@@ -158,8 +157,6 @@ impl Model {
         let seen = Arc::clone(&steps);
         engine.on_step(move |report| {
             let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
-            s.count += 1;
-            s.rows += report.rows;
             s.gaps.extend(&report.inter_token);
             let by_rows = s.by_rows.entry(report.rows).or_default();
             by_rows.0 += 1;
@@ -208,6 +205,12 @@ impl Model {
         let mut ttft: Vec<f64> = generations.iter().map(|g| g.timings.ttft_ms).collect();
         let steps = std::mem::take(&mut *steps.lock().unwrap_or_else(|p| p.into_inner()));
         let mut itl: Vec<f64> = steps.gaps.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        let decode_steps: usize = steps.by_rows.values().map(|&(count, _)| count).sum();
+        let rows: usize = steps
+            .by_rows
+            .iter()
+            .map(|(&rows, &(count, _))| rows * count)
+            .sum();
         Ok(BatchBenchReport {
             config: config.clone(),
             requests: generations.len(),
@@ -216,8 +219,8 @@ impl Model {
             aggregate_tokens_per_s: generated_tokens as f64 / wall.as_secs_f64().max(1e-9),
             ttft_ms: percentiles(&mut ttft),
             inter_token_ms: percentiles(&mut itl),
-            mean_batch: steps.rows as f64 / steps.count.max(1) as f64,
-            decode_steps: steps.count,
+            mean_batch: rows as f64 / decode_steps.max(1) as f64,
+            decode_steps,
             vision_s: work.vision.as_secs_f64(),
             prefill_s: work.prefill.as_secs_f64(),
             decode_s: work.decode.as_secs_f64(),
